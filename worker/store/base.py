@@ -1,0 +1,245 @@
+"""The ``Store`` port: every database operation the worker performs.
+
+Both adapters call the same SQL functions from ``supabase/migrations`` (plus the
+one documented, fenced failure UPDATE), so their behaviour is identical and one
+contract suite (tests/store) proves it for both. Ids travel as strings and
+timestamps as aware datetimes, whatever the wire gave us.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+
+class StoreError(Exception):
+    """A database call failed. ``transient`` says whether retrying may help."""
+
+    kind = "error"
+    transient = False
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TransientStoreError(StoreError):
+    """Connection refused/reset, timeouts, 502/503/504, serialization failures."""
+
+    kind = "unavailable"
+    transient = True
+
+
+class ConflictError(StoreError):
+    """The row is not in the state the call expects (offset mismatch, bad transition)."""
+
+    kind = "conflict"
+
+
+class ForbiddenError(StoreError):
+    """Ownership or privilege check failed."""
+
+    kind = "forbidden"
+
+
+class NotFoundError(StoreError):
+    """The row or the function does not exist (PGRST202: run the migrations)."""
+
+    kind = "not_found"
+
+
+class InvalidInputError(StoreError):
+    """The database rejected an argument."""
+
+    kind = "invalid"
+
+
+# SQLSTATEs and PostgREST codes, mapped once for both adapters.
+_TRANSIENT = {
+    "PGRST000", "PGRST001", "PGRST002", "PGRST003", "40001", "40P01", "57014", "57P01",
+    "57P02", "57P03", "53300", "08000", "08001", "08003", "08004", "08006", "502", "503",
+    "504", "520",
+}
+_BY_CODE: dict[str, type[StoreError]] = {
+    "PT409": ConflictError, "23505": ConflictError, "PT403": ForbiddenError,
+    "42501": ForbiddenError, "PT404": NotFoundError, "PGRST202": NotFoundError,
+    "42883": NotFoundError, "PT400": InvalidInputError, "22023": InvalidInputError,
+    "22P02": InvalidInputError, "23514": InvalidInputError, "P0001": InvalidInputError,
+}
+
+
+def error_from_code(code: str | None, message: str) -> StoreError:
+    """Map a SQLSTATE / PostgREST code to the matching ``StoreError`` subclass."""
+    code = code or ""
+    if code in _TRANSIENT or code.startswith("08"):
+        return TransientStoreError(message, code=code)
+    return _BY_CODE.get(code, StoreError)(message, code=code)
+
+
+def _as_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _as_dt(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What ``claim_next_job_v3`` returns: only part of the job (step one of two)."""
+
+    job_id: str
+    job_type: str
+    job_payload: dict[str, Any]
+    retry_count: int
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ClaimedJob:
+        return cls(
+            job_id=str(row["job_id"]),
+            job_type=row["job_type"],
+            job_payload=_json_obj(row.get("job_payload")),
+            retry_count=int(row.get("retry_count") or 0),
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """The full ``job_queue`` row (step two of the claim)."""
+
+    id: str
+    job_type: str
+    job_lane: str
+    status: str
+    priority: int
+    job_payload: dict[str, Any]
+    retry_count: int
+    max_retries: int
+    worker_id: str | None
+    user_id: str | None
+    lease_timeout_s: int
+    scheduled_at: datetime | None = None
+    started_at: datetime | None = None
+    created_at: datetime | None = None
+    error_details: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Job:
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        return cls(
+            id=str(row["id"]),
+            job_type=row["job_type"],
+            job_lane=row.get("job_lane") or "default",
+            status=row["status"],
+            priority=int(row.get("priority") or 0),
+            job_payload=_json_obj(row.get("job_payload")),
+            retry_count=int(row.get("retry_count") or 0),
+            max_retries=int(row.get("max_retries") or 0),
+            worker_id=row.get("worker_id"),
+            user_id=_as_str(row.get("user_id")),
+            lease_timeout_s=int(row.get("lease_timeout_s") or 60),
+            scheduled_at=_as_dt(row.get("scheduled_at")),
+            started_at=_as_dt(row.get("started_at")),
+            created_at=_as_dt(row.get("created_at")),
+            error_details=_json_obj(row.get("error_details")) if row.get("error_details") else None,
+            extra={k: v for k, v in row.items() if k not in known},
+        )
+
+
+def _json_obj(value: Any) -> dict[str, Any]:
+    """asyncpg hands jsonb over as text unless a codec is set; REST gives dicts."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        import json
+
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        return {"value": value}
+    return value
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Every database operation genworker performs. See README "Database"."""
+
+    name: str
+
+    # -- queue ---------------------------------------------------------------
+    async def claim(
+        self, worker_id: str, job_types: Sequence[str] | None, job_lanes: Sequence[str] | None
+    ) -> ClaimedJob | None:
+        """``claim_next_job_v3``: one job or None. Never retried (not idempotent)."""
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """Step two of the claim: the full row."""
+
+    async def heartbeat(self, job_id: str, worker_id: str) -> bool:
+        """``update_job_heartbeat``: False means stop (lease lost, cancelled, paused)."""
+
+    async def heartbeat_many(self, job_ids: Sequence[str], worker_id: str) -> set[str]:
+        """One round trip for every in-flight job; returns the ids still held."""
+
+    async def complete(self, job_id: str, worker_id: str, result: Mapping[str, Any]) -> bool:
+        """``complete_job``, fenced; idempotent for the same worker."""
+
+    async def fail(
+        self,
+        job_id: str,
+        worker_id: str,
+        *,
+        error_details: Mapping[str, Any],
+        retry_count: int,
+        retry_at: datetime | None,
+    ) -> bool:
+        """The fenced failure UPDATE: back to pending at ``retry_at``, or failed when None."""
+
+    async def release(self, job_id: str, worker_id: str) -> bool:
+        """``release_job``: back to pending without using an attempt."""
+
+    async def release_worker_jobs(self, worker_id: str) -> int:
+        """Start-up recovery: release whatever is still processing under this id."""
+
+    async def queue_stats(self) -> dict[str, Any]:
+        """``queue_stats()`` for /status and ``genworker status``."""
+
+    async def ping(self) -> None:
+        """Raise if the database cannot be reached (readiness)."""
+
+    async def wait_for_work(self, timeout: float) -> bool:
+        """Sleep up to ``timeout``; return True early when a new-job notification arrives."""
+
+    # -- chapter writes (all fenced by job, worker and status processing) -----
+    async def start_chapter(
+        self, job_id: str, worker_id: str, tail_chars: int
+    ) -> dict[str, Any] | None:
+        """Cut content back to the checkpoint and return the generation context."""
+
+    async def save_outline(
+        self, job_id: str, worker_id: str, title: str, outline: Mapping[str, Any]
+    ) -> bool: ...
+
+    async def append_chapter(
+        self,
+        job_id: str,
+        worker_id: str,
+        *,
+        offset: int,
+        text: str,
+        progress: int,
+        current_step: str,
+        checkpoint: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Offset-idempotent append; re-sending the same append is a no-op."""
+
+    async def rewind_chapter(self, job_id: str, worker_id: str, length: int) -> bool:
+        """Cut content back to ``length`` (a section is retried from its start)."""
+
+    async def finish_chapter(self, job_id: str, worker_id: str) -> bool: ...
+
+    async def close(self) -> None: ...
