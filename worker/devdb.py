@@ -48,8 +48,9 @@ def _demote() -> tuple[int, int] | None:
     try:
         entry = pwd.getpwnam(RUN_AS)
     except KeyError:
-        subprocess.run(["useradd", "-M", "-s", "/bin/false", RUN_AS], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["useradd", "-M", "-s", "/bin/false", RUN_AS], check=True, capture_output=True
+        )
         entry = pwd.getpwnam(RUN_AS)
     return entry.pw_uid, entry.pw_gid
 
@@ -57,8 +58,9 @@ def _demote() -> tuple[int, int] | None:
 class LocalCluster:
     """initdb + pg_ctl start/stop on a private directory and a free loopback port."""
 
-    def __init__(self, datadir: Path | None = None, *, port: int | None = None,
-                 pg_bin: Path | None = None) -> None:
+    def __init__(
+        self, datadir: Path | None = None, *, port: int | None = None, pg_bin: Path | None = None
+    ) -> None:
         self.pg_bin = pg_bin or find_pg_bin()
         self._owns_dir = datadir is None
         self.base = Path(datadir or tempfile.mkdtemp(prefix="genworker-pg-"))
@@ -77,9 +79,14 @@ class LocalCluster:
                 os.setgid(ids[1])
                 os.setuid(ids[0])
 
-        return subprocess.run([str(self.pg_bin / args[0]), *args[1:]], check=True,
-                              capture_output=True, text=True, preexec_fn=preexec,
-                              env={**os.environ, "LC_ALL": "C"})
+        return subprocess.run(
+            [str(self.pg_bin / args[0]), *args[1:]],
+            check=True,
+            capture_output=True,
+            text=True,
+            preexec_fn=preexec,
+            env={**os.environ, "LC_ALL": "C"},
+        )
 
     def init(self) -> None:
         if (self.datadir / "PG_VERSION").exists():
@@ -92,8 +99,18 @@ class LocalCluster:
             while p != p.parent:  # let the server user traverse to its directory
                 p.chmod(p.stat().st_mode | 0o011)
                 p = p.parent
-        self._run("initdb", "-D", str(self.datadir), "-U", self.user, "-A", "trust",
-                  "-E", "UTF8", "--no-sync")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.datadir),
+            "-U",
+            self.user,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
         conf = self.datadir / "postgresql.conf"
         with conf.open("a") as f:
             f.write(
@@ -109,8 +126,19 @@ class LocalCluster:
         if self._ids:
             self.logfile.touch()
             os.chown(self.logfile, *self._ids)
-        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-o",
-                  f"-p {self.port}", "-w", "-t", "60", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.logfile),
+            "-o",
+            f"-p {self.port}",
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         return self
 
     def stop(self, mode: str = "fast") -> None:

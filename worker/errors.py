@@ -94,8 +94,12 @@ def classify(exc: BaseException) -> Classified:
         )
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return Classified(
-            "timeout", f"timed out: {exc!s}" if str(exc) else "timed out",
-            "Generation timed out; the chapter will be retried.", True, None, {},
+            "timeout",
+            f"timed out: {exc!s}" if str(exc) else "timed out",
+            "Generation timed out; the chapter will be retried.",
+            True,
+            None,
+            {},
         )
     return Classified(
         "internal",
@@ -108,7 +112,11 @@ def classify(exc: BaseException) -> Classified:
 
 
 def error_details(
-    failure: Classified, *, attempt: int, worker_id: str, will_retry: bool,
+    failure: Classified,
+    *,
+    attempt: int,
+    worker_id: str,
+    will_retry: bool,
     now: datetime | None = None,
 ) -> dict[str, Any]:
     """The JSONB stored in ``job_queue.error_details`` (documented in the README)."""

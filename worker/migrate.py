@@ -61,8 +61,10 @@ async def apply_migrations(conn: asyncpg.Connection, directory: Path | None = No
         "create table if not exists supabase_migrations.schema_migrations"
         " (version text primary key, statements text[], name text)"
     )
-    done = {r["version"] for r in await conn.fetch(
-        "select version from supabase_migrations.schema_migrations")}
+    done = {
+        r["version"]
+        for r in await conn.fetch("select version from supabase_migrations.schema_migrations")
+    }
     applied = []
     for mig in migrations(directory):
         if mig.version in done:
@@ -71,6 +73,10 @@ async def apply_migrations(conn: asyncpg.Connection, directory: Path | None = No
             await conn.execute(mig.sql())
             await conn.execute(
                 "insert into supabase_migrations.schema_migrations (version, name, statements)"
-                " values ($1, $2, array[$3])", mig.version, mig.name, mig.sql())
+                " values ($1, $2, array[$3])",
+                mig.version,
+                mig.name,
+                mig.sql(),
+            )
         applied.append(mig.version)
     return applied

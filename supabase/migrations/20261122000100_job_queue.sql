@@ -95,6 +95,7 @@ begin
 end $$;
 
 -- Allowed moves. processing -> processing is a rescue by another worker.
+-- Also stamps completed_at on terminal states and clears ownership on the way back to pending.
 create or replace function public.job_queue_check_transition() returns trigger
 language plpgsql set search_path = public, pg_temp as $$
 declare
@@ -113,6 +114,14 @@ begin
   if not ok then
     raise exception using errcode = 'PT409',
       message = format('invalid job status transition %s -> %s (job %s)', old.status, new.status, old.id);
+  end if;
+  -- Bookkeeping every path needs, so the worker's plain failure UPDATE stays small.
+  if new.status in ('completed', 'failed', 'cancelled') then
+    new.completed_at := now();
+  elsif new.status in ('pending', 'paused') then
+    new.worker_id := null;
+    new.heartbeat_at := null;
+    new.completed_at := null;
   end if;
   return new;
 end $$;

@@ -58,15 +58,40 @@ class InvalidInputError(StoreError):
 
 # SQLSTATEs and PostgREST codes, mapped once for both adapters.
 _TRANSIENT = {
-    "PGRST000", "PGRST001", "PGRST002", "PGRST003", "40001", "40P01", "57014", "57P01",
-    "57P02", "57P03", "53300", "08000", "08001", "08003", "08004", "08006", "502", "503",
-    "504", "520",
+    "PGRST000",
+    "PGRST001",
+    "PGRST002",
+    "PGRST003",
+    "40001",
+    "40P01",
+    "57014",
+    "57P01",
+    "57P02",
+    "57P03",
+    "53300",
+    "08000",
+    "08001",
+    "08003",
+    "08004",
+    "08006",
+    "502",
+    "503",
+    "504",
+    "520",
 }
 _BY_CODE: dict[str, type[StoreError]] = {
-    "PT409": ConflictError, "23505": ConflictError, "PT403": ForbiddenError,
-    "42501": ForbiddenError, "PT404": NotFoundError, "PGRST202": NotFoundError,
-    "42883": NotFoundError, "PT400": InvalidInputError, "22023": InvalidInputError,
-    "22P02": InvalidInputError, "23514": InvalidInputError, "P0001": InvalidInputError,
+    "PT409": ConflictError,
+    "23505": ConflictError,
+    "PT403": ForbiddenError,
+    "42501": ForbiddenError,
+    "PT404": NotFoundError,
+    "PGRST202": NotFoundError,
+    "42883": NotFoundError,
+    "PT400": InvalidInputError,
+    "22023": InvalidInputError,
+    "22P02": InvalidInputError,
+    "23514": InvalidInputError,
+    "P0001": InvalidInputError,
 }
 
 
@@ -211,8 +236,8 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise if the database cannot be reached (readiness)."""
 
-    async def wait_for_work(self, timeout: float) -> bool:
-        """Sleep up to ``timeout``; return True early when a new-job notification arrives."""
+    async def wait_for_work(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; return True early when a new-job notification arrives."""
 
     # -- chapter writes (all fenced by job, worker and status processing) -----
     async def start_chapter(

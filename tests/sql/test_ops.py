@@ -1,0 +1,108 @@
+"""Operations: queue stats, retention, requeue, and the claim's query plan."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+
+from tests.support.seed import FAIL_UPDATE, claim, insert_jobs
+from worker.devdb import find_pg_bin
+
+
+async def test_queue_stats(conn: asyncpg.Connection) -> None:
+    await insert_jobs(conn, 3, job_type="a")
+    await insert_jobs(conn, 1, job_type="b")
+    [done] = [str((await claim(conn, "w", ["b"]))["job_id"])]
+    await conn.fetchval("select complete_job($1, 'w', '{}')", done)
+    stats = json.loads(await conn.fetchval("select queue_stats()"))
+    assert stats["by_status"] == {"pending": 3, "completed": 1}
+    assert {"job_type": "a", "status": "pending", "count": 3} in stats["by_type"]
+    assert stats["oldest_pending_age_s"] >= 0
+    assert stats["last_hour"]["completed"] == 1 and stats["last_hour"]["p95_run_s"] >= 0
+
+
+async def test_purge_finished_jobs(conn: asyncpg.Connection) -> None:
+    ids = await insert_jobs(conn, 3)
+    for _ in range(2):
+        row = await claim(conn, "w")
+        await conn.fetchval("select complete_job($1, 'w', '{}')", row["job_id"])
+    await conn.execute(
+        "update job_queue set completed_at = now() - interval '10 days' where status = 'completed'"
+    )
+    assert await conn.fetchval("select purge_finished_jobs(7)") == 2
+    assert await conn.fetchval("select purge_finished_jobs(7)") == 0
+    assert await conn.fetchval("select count(*) from job_queue") == 1
+    assert (
+        await conn.fetchval(
+            "select count(*) from job_events where job_id = any($1::uuid[])", ids[:2]
+        )
+        <= 3
+    )  # events of the purged jobs went with them
+
+
+async def test_requeue_failed_jobs(conn: asyncpg.Connection) -> None:
+    ids = await insert_jobs(conn, 2, job_type="x")
+    for _ in ids:
+        row = await claim(conn, "w")
+        await conn.fetch(FAIL_UPDATE, row["job_id"], "w", "failed", 3, None, '{"type": "boom"}')
+    back = await conn.fetch("select * from requeue_failed_jobs(p_job_ids => $1::uuid[])", ids[:1])
+    assert [str(r[0]) for r in back] == ids[:1]
+    job = await conn.fetchrow("select * from job_queue where id = $1", ids[0])
+    assert job["status"] == "pending" and job["retry_count"] == 0 and job["error_details"] is None
+    assert len(await conn.fetch("select * from requeue_failed_jobs(p_job_type => 'x')")) == 1
+    assert await conn.fetchval("select count(*) from job_queue where status = 'pending'") == 2
+
+
+async def test_claim_plan_uses_an_index(conn: asyncpg.Connection) -> None:
+    """With 100,000 finished and 1,000 pending jobs the claim must not scan the table."""
+    await conn.execute("set session_replication_role = replica")  # seed without triggers
+    await conn.execute(
+        "insert into job_queue (job_type, status, lease_timeout_s, completed_at)"
+        " select 'done', 'completed', 60, now() from generate_series(1, 100000)"
+    )
+    await conn.execute("set session_replication_role = origin")
+    await insert_jobs(conn, 1000)
+    await conn.execute("analyze job_queue")
+    plan = await _claim_plan(conn)
+    assert "job_queue_claim_idx" in plan, plan
+    assert "Seq Scan on job_queue" not in plan, plan
+
+
+async def _load_auto_explain(conn: asyncpg.Connection) -> bool:
+    lib = find_pg_bin().parent / "lib" / "auto_explain.so"
+    for name in ("auto_explain", str(lib)):
+        try:
+            await conn.execute(f"load '{name}'")
+            return True
+        except asyncpg.PostgresError:
+            continue
+    return False
+
+
+async def _claim_plan(conn: asyncpg.Connection) -> str:
+    """The plan of the claim as the function really runs it (auto_explain, nested statements).
+
+    Where the server has no auto_explain module (Debian's minimal PG15 install), EXPLAIN
+    the statement copied verbatim out of the function body instead.
+    """
+    notices: list[str] = []
+    conn.add_log_listener(lambda _c, msg: notices.append(msg.message))
+    if not await _load_auto_explain(conn):
+        body = await conn.fetchval("select prosrc from pg_proc where proname = 'claim_next_job_v3'")
+        start = body.index("select c.id from public.job_queue c")
+        stmt = body[start : body.index("for update skip locked", start)] + "for update skip locked"
+        stmt = stmt.replace("v_types", "null::text[]").replace("v_lanes", "null::text[]")
+        return "\n".join(r[0] for r in await conn.fetch("explain " + stmt))
+    for setting in (
+        "auto_explain.log_min_duration = 0",
+        "auto_explain.log_nested_statements = on",
+        "auto_explain.log_level = notice",
+        "client_min_messages = notice",
+    ):
+        await conn.execute("set " + setting)
+    async with conn.transaction():
+        await conn.fetch("select * from claim_next_job_v3('plan-guard', null, null)")
+        await conn.execute("select 1")  # let the notices arrive
+    plans = [n for n in notices if "next_job" in n or "job_queue_claim_idx" in n]
+    return "\n".join(plans or notices)

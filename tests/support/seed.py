@@ -1,0 +1,114 @@
+"""Seed data and role switching for tests that talk SQL directly."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+
+async def create_user(conn: asyncpg.Connection, email: str | None = None) -> str:
+    uid = str(uuid.uuid4())
+    await conn.execute(
+        "insert into auth.users (id, email) values ($1, $2)",
+        uid,
+        email or f"{uid[:8]}@example.test",
+    )
+    return uid
+
+
+async def create_story(
+    conn: asyncpg.Connection,
+    owner: str,
+    *,
+    title: str = "The Lighthouse",
+    premise: str = "A keeper finds a door under the lamp.",
+    preferences: dict[str, Any] | None = None,
+) -> str:
+    return str(
+        await conn.fetchval(
+            "insert into stories (owner_id, title, premise, preferences) values ($1, $2, $3, $4)"
+            " returning id",
+            owner,
+            title,
+            premise,
+            json.dumps(preferences or {"genre": "mystery"}),
+        )
+    )
+
+
+async def create_chapter(
+    conn: asyncpg.Connection, story: str, owner: str, number: int = 1, title: str = ""
+) -> str:
+    return str(
+        await conn.fetchval(
+            "insert into chapters (story_id, owner_id, number, title) values ($1, $2, $3, $4)"
+            " returning id",
+            story,
+            owner,
+            number,
+            title,
+        )
+    )
+
+
+async def insert_jobs(
+    conn: asyncpg.Connection,
+    n: int,
+    *,
+    job_type: str = "noop",
+    lane: str = "default",
+    priority: int = 0,
+    lease_timeout_s: int | None = None,
+    max_retries: int = 3,
+    delay_s: float = 0.0,
+) -> list[str]:
+    rows = await conn.fetch(
+        "insert into job_queue (job_type, job_lane, priority, job_payload, lease_timeout_s,"
+        " max_retries, scheduled_at)"
+        " select $1, $2, $3, jsonb_build_object('n', g), $4, $5,"
+        "        now() + make_interval(secs => $6)"
+        " from generate_series(1, $7) g returning id",
+        job_type,
+        lane,
+        priority,
+        lease_timeout_s,
+        max_retries,
+        delay_s,
+        n,
+    )
+    return [str(r["id"]) for r in rows]
+
+
+@asynccontextmanager
+async def as_role(
+    conn: asyncpg.Connection, role: str, sub: str | None = None
+) -> AsyncIterator[asyncpg.Connection]:
+    """Run as PostgREST would for a request with this JWT: one transaction, SET LOCAL ROLE."""
+    claims = {"role": role, **({"sub": sub} if sub else {})}
+    async with conn.transaction():
+        await conn.execute(f"set local role {role}")
+        await conn.execute("select set_config('request.jwt.claims', $1, true)", json.dumps(claims))
+        yield conn
+
+
+async def claim(
+    conn: asyncpg.Connection,
+    worker: str,
+    types: list[str] | None = None,
+    lanes: list[str] | None = None,
+) -> asyncpg.Record | None:
+    return await conn.fetchrow("select * from claim_next_job_v3($1, $2, $3)", worker, types, lanes)
+
+
+# The exact failure UPDATE the worker sends (README "Database"), as SQL. The
+# transition trigger stamps completed_at and clears worker_id/heartbeat_at.
+FAIL_UPDATE = (
+    "update job_queue set status = $3, retry_count = $4, scheduled_at = coalesce($5, scheduled_at),"
+    " error_details = $6::jsonb"
+    " where id = $1 and worker_id = $2 and status = 'processing' returning id"
+)
