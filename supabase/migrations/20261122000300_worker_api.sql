@@ -182,6 +182,7 @@ begin
     'chapter', jsonb_build_object(
       'id', ch.id, 'number', ch.number, 'title', ch.title, 'outline', ch.outline,
       'generation_state', ch.generation_state, 'content_length', least(v_keep, char_length(ch.content)),
+      'content_tail', right(left(ch.content, v_keep), greatest(p_tail_chars, 0)),
       'owner_id', ch.owner_id),
     'story', jsonb_build_object(
       'id', st.id, 'title', st.title, 'premise', st.premise, 'preferences', st.preferences),
@@ -268,19 +269,23 @@ begin
   return true;
 end $$;
 
+-- Returns the chapter's word count, or null when the lease is lost.
 create or replace function public.finish_chapter(p_job_id uuid, p_worker_id text)
-returns boolean language plpgsql volatile set search_path = public, pg_temp as $$
+returns integer language plpgsql volatile set search_path = public, pg_temp as $$
+declare
+  v_words integer;
 begin
   if not public.genworker_fence(p_job_id, p_worker_id, 99, 'finishing') then
-    return false;
+    return null;
   end if;
   update public.chapters
      set status = 'completed', progress = 100, current_step = 'completed', error_message = null,
          word_count = case when btrim(content) = '' then 0
                            else coalesce(array_length(regexp_split_to_array(btrim(content), '\s+'), 1), 0) end,
          generation_state = generation_state || jsonb_build_object('finished', true)
-   where generation_job_id = p_job_id;
-  return true;
+   where generation_job_id = p_job_id
+  returning word_count into v_words;
+  return coalesce(v_words, 0);
 end $$;
 
 -- ---------------------------------------------------------------------------

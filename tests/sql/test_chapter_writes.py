@@ -122,7 +122,7 @@ async def test_rewind_and_finish(conn, running) -> None:
     with pytest.raises(asyncpg.PostgresError):
         await conn.fetchval("select rewind_chapter_content($1, 'w', 99)", job)
     await append(conn, job, 7, " four five")
-    assert await conn.fetchval("select finish_chapter($1, 'w')", job) is True
+    assert await conn.fetchval("select finish_chapter($1, 'w')", job) == 4
     ch = await conn.fetchrow("select * from chapters where id = $1", running["chapter"])
     assert ch["content"] == "One two four five" and ch["word_count"] == 4
     assert ch["status"] == "completed" and ch["progress"] == 100

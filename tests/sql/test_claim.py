@@ -137,7 +137,7 @@ async def test_rescue_counts_a_retry_and_fences_the_stale_worker(conn: asyncpg.C
         is False
     )
     assert await conn.fetchval("select save_chapter_outline($1, 'stale', 't', '{}')", jid) is False
-    assert await conn.fetchval("select finish_chapter($1, 'stale')", jid) is False
+    assert await conn.fetchval("select finish_chapter($1, 'stale')", jid) is None
     assert await conn.fetchval("select release_job($1, 'stale')", jid) is False
     assert await conn.fetch(FAIL_UPDATE, jid, "stale", "failed", 1, None, "{}") == []
     assert await conn.fetchval("select start_chapter_generation($1, 'stale')", jid) is None

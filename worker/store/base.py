@@ -265,6 +265,29 @@ class Store(Protocol):
     async def rewind_chapter(self, job_id: str, worker_id: str, length: int) -> bool:
         """Cut content back to ``length`` (a section is retried from its start)."""
 
-    async def finish_chapter(self, job_id: str, worker_id: str) -> bool: ...
+    async def finish_chapter(self, job_id: str, worker_id: str) -> int | None:
+        """Mark the chapter completed; its word count, or None when the lease is lost."""
 
     async def close(self) -> None: ...
+
+
+def transport_retry(fn):  # type: ignore[no-untyped-def]
+    """Retry an *idempotent* store call on transient errors (never the claim).
+
+    Every write the worker repeats is fenced and idempotent by construction
+    (offset appends, fenced complete/fail/release), so a retry after an unknown
+    outcome cannot duplicate anything.
+    """
+    from tenacity import (
+        retry,
+        retry_if_exception_type,
+        stop_after_attempt,
+        wait_exponential_jitter,
+    )
+
+    return retry(
+        retry=retry_if_exception_type(TransientStoreError),
+        stop=stop_after_attempt(4),
+        wait=wait_exponential_jitter(initial=0.2, max=3.0),
+        reraise=True,
+    )(fn)

@@ -1,0 +1,1 @@
+"""Chapter generation: payload validation, prompts, the model layer and the pipeline."""

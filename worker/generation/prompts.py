@@ -1,0 +1,93 @@
+"""Prompts for the outline and for each section, and the bounded story context."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from worker.generation.payload import ChapterOptions
+
+SYSTEM = (
+    "You are a novelist writing one chapter of a serialized story. Write vivid, coherent "
+    "prose that continues the story faithfully. Never mention that you are an AI, never "
+    "add notes or headings, and never repeat text that was already written."
+)
+CHARS_PER_TOKEN = 4
+
+
+def approx_tokens(text: str) -> int:
+    return len(text) // CHARS_PER_TOKEN + 1
+
+
+def style_lines(options: ChapterOptions, preferences: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for label, value in (("Genre", options.genre or preferences.get("genre")),
+                         ("Tone", options.tone or preferences.get("tone")),
+                         ("Point of view", options.point_of_view or preferences.get("pov")),
+                         ("Tense", options.tense or preferences.get("tense")),
+                         ("Audience", options.audience or preferences.get("audience"))):
+        if value:
+            lines.append(f"{label}: {value}")
+    return lines
+
+
+def story_context(ctx: Mapping[str, Any], max_tokens: int) -> str:
+    """Story premise plus the tail of earlier chapters, newest kept first, within a token cap."""
+    story = ctx.get("story") or {}
+    parts = [f"Story title: {story.get('title', '')}", f"Premise: {story.get('premise', '')}"]
+    budget = max_tokens - sum(approx_tokens(p) for p in parts)
+    previous: Sequence[Mapping[str, Any]] = ctx.get("previous") or []
+    kept: list[str] = []
+    for chap in reversed(previous):  # the nearest chapters matter most
+        block = (f"Chapter {chap.get('number')}: {chap.get('title') or 'untitled'}\n"
+                 f"...{chap.get('tail', '')}")
+        cost = approx_tokens(block)
+        if cost > budget:
+            if budget > 50:
+                kept.append(block[-budget * CHARS_PER_TOKEN:])
+            break
+        kept.append(block)
+        budget -= cost
+    if kept:
+        parts.append("Earlier chapters (most recent last):\n" + "\n\n".join(reversed(kept)))
+    return "\n".join(parts)
+
+
+def outline_prompt(ctx: Mapping[str, Any], options: ChapterOptions, max_tokens: int) -> str:
+    chapter = ctx.get("chapter") or {}
+    story = ctx.get("story") or {}
+    lines = [
+        story_context(ctx, max_tokens),
+        "",
+        f"Plan chapter {chapter.get('number')}"
+        + (f" titled '{chapter['title']}'" if chapter.get("title") else "") + ".",
+        f"Sections: {options.sections}",
+        f"Target length: about {options.target_words} words in total.",
+        *style_lines(options, story.get("preferences") or {}),
+    ]
+    if options.instructions:
+        lines.append(f"Author's instructions: {options.instructions}")
+    lines.append(f"Return a chapter title and exactly {options.sections} bullets, one per "
+                 "section, each a one-sentence summary of what happens in it.")
+    return "\n".join(lines)
+
+
+def section_prompt(ctx: Mapping[str, Any], options: ChapterOptions, title: str,
+                   bullets: Sequence[str], index: int, written_tail: str, words: int,
+                   max_tokens: int) -> str:
+    story = ctx.get("story") or {}
+    plan = "\n".join(f"{i + 1}. {b}" for i, b in enumerate(bullets))
+    lines = [
+        story_context(ctx, max_tokens),
+        "",
+        f"Chapter title: {title}",
+        f"Chapter plan:\n{plan}",
+        *style_lines(options, story.get("preferences") or {}),
+    ]
+    if options.instructions:
+        lines.append(f"Author's instructions: {options.instructions}")
+    if written_tail:
+        lines.append(f"The chapter so far ends with:\n...{written_tail}")
+    lines.append(f"Write section {index + 1} of {len(bullets)} ({bullets[index]}) in about "
+                 f"{words} words. Continue seamlessly from the text so far; output prose only.")
+    return "\n".join(lines)

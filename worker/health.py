@@ -1,0 +1,132 @@
+"""The aiohttp health server: /health (liveness), /ready, /status and /metrics.
+
+/health stays 200 while the process can do its job, reporting "degraded" (with
+reasons) during a database outage it is riding out; it turns 503 only when the
+process should be restarted: a side task died or the event loop is stuck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from worker import __version__
+from worker.runner import Runner
+from worker.store.base import StoreError
+
+LOOP_LAG_LIMIT_S = 5.0
+
+
+class LoopMonitor:
+    """Measures event-loop lag: how late a 0.5 s sleep wakes up."""
+
+    def __init__(self, every_s: float = 0.5) -> None:
+        self.every_s = every_s
+        self.lag_s = 0.0
+        self.last_tick = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(self.every_s)
+            self.last_tick = time.monotonic()
+            self.lag_s = max(0.0, self.last_tick - t0 - self.every_s)
+
+    @property
+    def stuck(self) -> bool:
+        return self.lag_s > LOOP_LAG_LIMIT_S or \
+            time.monotonic() - self.last_tick > LOOP_LAG_LIMIT_S + self.every_s
+
+
+def health_report(runner: Runner, monitor: LoopMonitor) -> tuple[int, dict[str, Any]]:
+    problems: list[str] = []
+    degraded: list[str] = []
+    if runner.fatal is not None:
+        problems.append(f"side task failed: {runner.fatal!r}")
+    elif not runner.side_tasks_alive and not runner.stopping.is_set():
+        problems.append("a side task (claim loop or heartbeat) is not running")
+    if monitor.stuck:
+        problems.append(f"event loop lag {monitor.lag_s:.1f}s")
+    if runner.consecutive_store_errors:
+        degraded.append(f"database unreachable for the last {runner.consecutive_store_errors} "
+                        "claim(s)")
+    if runner.heartbeat.consecutive_failures:
+        degraded.append(f"{runner.heartbeat.consecutive_failures} heartbeat round(s) failed")
+    status = "unhealthy" if problems else "degraded" if degraded else "ok"
+    if runner.stopping.is_set() and not problems:
+        status = "stopping"
+    body = {
+        "status": status,
+        "reasons": problems + degraded,
+        "worker_id": runner.config.worker_id,
+        "version": __version__,
+        "uptime_s": round(time.time() - runner.started_at, 3),
+        "in_flight": len(runner.in_flight),
+        "concurrency": runner.config.concurrency,
+        "last_claim_at": runner.last_claim_at,
+        "loop_lag_s": round(monitor.lag_s, 4),
+        "store": getattr(runner.store, "name", "unknown"),
+    }
+    return (503 if problems else 200), body
+
+
+def build_app(runner: Runner, monitor: LoopMonitor) -> web.Application:
+    async def health(_req: web.Request) -> web.Response:
+        code, body = health_report(runner, monitor)
+        return web.json_response(body, status=code)
+
+    async def ready(_req: web.Request) -> web.Response:
+        try:
+            async with asyncio.timeout(5):
+                await runner.store.ping()
+        except (StoreError, TimeoutError) as exc:
+            return web.json_response({"ready": False, "reason": str(exc)[:300]}, status=503)
+        if runner.stopping.is_set():
+            return web.json_response({"ready": False, "reason": "shutting down"}, status=503)
+        return web.json_response({"ready": True, "worker_id": runner.config.worker_id})
+
+    async def status(_req: web.Request) -> web.Response:
+        now = time.monotonic()
+        jobs = [{"job_id": job_id, "job_type": f.claimed.job_type,
+                 "attempt": f.claimed.retry_count + 1, "progress": f.progress, "step": f.step,
+                 "running_s": round(now - f.started, 3)}
+                for job_id, f in list(runner.in_flight.items())]
+        try:
+            async with asyncio.timeout(5):
+                queue: Any = await runner.store.queue_stats()
+        except (StoreError, TimeoutError) as exc:
+            queue = {"error": str(exc)[:300]}
+        return web.json_response({"worker_id": runner.config.worker_id, "queue": queue,
+                                  "in_flight": jobs}, dumps=_dumps)
+
+    async def metrics(_req: web.Request) -> web.Response:
+        resp = web.Response(body=runner.metrics.render())
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/healthz", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, default=str)
+
+
+async def start_health_server(runner: Runner, monitor: LoopMonitor, host: str,
+                              port: int) -> web.AppRunner:
+    app_runner = web.AppRunner(build_app(runner, monitor), access_log=None)
+    await app_runner.setup()
+    site = web.TCPSite(app_runner, host, port)
+    await site.start()
+    return app_runner

@@ -1,0 +1,294 @@
+"""The runner: claims jobs into free slots, runs their handlers, records the outcome.
+
+Never more than ``concurrency`` jobs in flight; a claim happens only for a free
+slot; idle polling backs off with jitter; a claim that finds work claims again at
+once. Outcomes: ``complete_job``; the fenced failure UPDATE (retry with backoff,
+or final); ``release_job`` at shutdown; nothing at all once the lease is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from worker.errors import LeaseLost, PermanentJobError, classify, error_details
+from worker.heartbeat import Heartbeat
+from worker.logs import job_context
+from worker.metrics import Metrics
+from worker.store.base import ClaimedJob, Job, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobContext:
+    """What a handler gets: the full job row, the store and a progress hook for /status."""
+
+    job: Job
+    worker_id: str
+    store: Store
+    metrics: Metrics
+    report: Callable[[int, str], None]
+
+    @property
+    def attempt(self) -> int:
+        return self.job.retry_count + 1
+
+
+Handler = Callable[[JobContext], Awaitable[Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    worker_id: str
+    concurrency: int = 50
+    job_types: Sequence[str] | None = None
+    job_lanes: Sequence[str] | None = None
+    poll_interval_s: float = 1.0
+    poll_max_interval_s: float = 5.0
+    heartbeat_interval_s: float = 10.0
+    max_retries: int = 3
+    retry_base_s: float = 5.0
+    retry_max_s: float = 600.0
+    shutdown_grace_s: float = 30.0
+    shutdown_call_timeout_s: float = 5.0
+
+
+@dataclass
+class InFlight:
+    claimed: ClaimedJob
+    started: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[None] | None = None
+    progress: int = 0
+    step: str = "claimed"
+    stop_reason: str | None = None  # 'lease_lost' | 'shutdown' | 'superseded'
+    finishing: bool = False  # complete/fail under way: the heartbeat must not cancel it
+
+
+def retry_delay(retry_count: int, base_s: float, max_s: float,
+                server_hint_s: float | None = None) -> float:
+    """Exponential backoff with 'equal jitter' and a cap; a server's hint is a floor."""
+    ceiling = min(max_s, base_s * (2 ** retry_count))
+    delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+    return max(delay, server_hint_s or 0.0)
+
+
+class Runner:
+    def __init__(self, store: Store, config: RunnerConfig, handlers: Mapping[str, Handler],
+                 metrics: Metrics | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.handlers = dict(handlers)
+        self.metrics = metrics or Metrics()
+        self.in_flight: dict[str, InFlight] = {}
+        self.started_at = time.time()
+        self.last_claim_at: float | None = None  # wall time of the last job claimed
+        self.last_claim_ok: float | None = None  # monotonic time of the last successful call
+        self.consecutive_store_errors = 0
+        self.stopping = asyncio.Event()
+        self.fatal: BaseException | None = None
+        self._slot_free = asyncio.Event()
+        self.heartbeat = Heartbeat(
+            store, config.worker_id, config.heartbeat_interval_s,
+            job_ids=lambda: [j for j, f in self.in_flight.items() if not f.finishing],
+            on_lost=self._lease_lost, metrics=self.metrics)
+        self._side_tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run until ``stop()``; then drain, release, and return. Raises if a side task died."""
+        released = await self.store.release_worker_jobs(self.config.worker_id)
+        if released:
+            log.warning("start-up recovery: released %d job(s) left by this worker id", released)
+        claim_loop = asyncio.create_task(self._claim_loop(), name="claim-loop")
+        beat = asyncio.create_task(self.heartbeat.run(), name="heartbeat")
+        self._side_tasks = [claim_loop, beat]
+        for t in self._side_tasks:
+            t.add_done_callback(self._side_task_done)
+        await self.stopping.wait()
+        claim_loop.cancel()
+        await asyncio.gather(claim_loop, return_exceptions=True)
+        await self._drain()
+        beat.cancel()
+        await asyncio.gather(beat, return_exceptions=True)
+        if self.fatal is not None:
+            raise RuntimeError(f"side task failed: {self.fatal!r}") from self.fatal
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _side_task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self.stopping.is_set():
+            return
+        self.fatal = task.exception() or RuntimeError(f"{task.get_name()} exited")
+        log.critical("side task %s died: %r; stopping", task.get_name(), self.fatal)
+        self.stop()
+
+    @property
+    def side_tasks_alive(self) -> bool:
+        return self.fatal is None and all(not t.done() for t in self._side_tasks)
+
+    async def _drain(self) -> None:
+        tasks = [f.task for f in self.in_flight.values() if f.task]
+        if tasks:
+            log.info("shutdown: waiting up to %.0fs for %d job(s)", self.config.shutdown_grace_s,
+                     len(tasks))
+            await asyncio.wait(tasks, timeout=self.config.shutdown_grace_s)
+        rest = [f for f in self.in_flight.values() if f.task and not f.task.done()]
+        for f in rest:
+            f.stop_reason = "shutdown"
+            f.task.cancel()  # type: ignore[union-attr]
+        if rest:
+            log.info("shutdown: cancelled and releasing %d job(s)", len(rest))
+            await asyncio.gather(*(f.task for f in rest), return_exceptions=True)
+
+    # -- claiming ---------------------------------------------------------------------
+    async def _claim_loop(self) -> None:
+        idle = self.config.poll_interval_s
+        while not self.stopping.is_set():
+            if len(self.in_flight) >= self.config.concurrency:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            t0 = time.monotonic()
+            try:
+                claimed = await self.store.claim(
+                    self.config.worker_id, self.config.job_types, self.config.job_lanes)
+            except StoreError as exc:
+                self.consecutive_store_errors += 1
+                self.metrics.store_errors.labels("claim").inc()
+                log.warning("claim failed (%d in a row): %s", self.consecutive_store_errors, exc)
+                idle = min(self.config.poll_max_interval_s, idle * 2)
+                await asyncio.sleep(idle * random.uniform(0.5, 1.0))
+                continue
+            self.metrics.claim_seconds.observe(time.monotonic() - t0)
+            self.last_claim_ok = time.monotonic()
+            self.consecutive_store_errors = 0
+            if claimed is None:
+                woke = await self.store.wait_for_work(idle * random.uniform(0.5, 1.0))
+                idle = self.config.poll_interval_s if woke else min(
+                    self.config.poll_max_interval_s, idle * 1.5)
+                continue
+            idle = self.config.poll_interval_s
+            self.last_claim_at = time.time()
+            self.metrics.claimed.labels(claimed.job_type).inc()
+            await self._start(claimed)
+
+    async def _start(self, claimed: ClaimedJob) -> None:
+        old = self.in_flight.get(claimed.job_id)
+        if old is not None and old.task is not None:
+            # Our own lease expired (the loop stalled) and we claimed the job again:
+            # the old attempt must stop before the new one starts.
+            old.stop_reason = "superseded"
+            old.task.cancel()
+            await asyncio.gather(old.task, return_exceptions=True)
+        entry = InFlight(claimed)
+        self.in_flight[claimed.job_id] = entry
+        self.metrics.in_flight.set(len(self.in_flight))
+        entry.task = asyncio.create_task(self._execute(entry), name=f"job-{claimed.job_id}")
+
+    def _lease_lost(self, job_id: str) -> None:
+        entry = self.in_flight.get(job_id)
+        if entry is None or entry.task is None or entry.task.done() or entry.finishing:
+            return
+        log.warning("lease lost for job %s (rescued, cancelled or paused): stopping it", job_id)
+        entry.stop_reason = "lease_lost"
+        self.metrics.leases_lost.labels(entry.claimed.job_type).inc()
+        entry.task.cancel()
+
+    # -- executing ----------------------------------------------------------------------
+    async def _execute(self, entry: InFlight) -> None:
+        claimed = entry.claimed
+        job: Job | None = None
+        with job_context(claimed.job_id, claimed.job_type, claimed.retry_count + 1):
+            try:
+                job = await self.store.get_job(claimed.job_id)
+                if job is None or job.status != "processing" or \
+                        job.worker_id != self.config.worker_id:
+                    raise LeaseLost("job changed hands before it started")
+                handler = self.handlers.get(job.job_type)
+                if handler is None:
+                    raise PermanentJobError(
+                        f"no handler for job_type {job.job_type!r}; this worker handles "
+                        f"{sorted(self.handlers)}", kind="unknown_job_type",
+                        user_message="This kind of job is not supported by the worker.")
+
+                def report(progress: int, step: str) -> None:
+                    entry.progress, entry.step = progress, step
+
+                ctx = JobContext(job, self.config.worker_id, self.store, self.metrics, report)
+                log.info("job started")
+                result = await handler(ctx)
+                entry.finishing = True
+                if await self.store.complete(job.id, self.config.worker_id, result):
+                    self.metrics.completed.labels(job.job_type).inc()
+                    log.info("job completed in %.2fs", time.monotonic() - entry.started)
+                else:
+                    raise LeaseLost("complete_job refused: the lease was lost")
+            except asyncio.CancelledError:
+                await self._on_cancelled(entry)
+                raise
+            except LeaseLost as exc:
+                self.metrics.leases_lost.labels(claimed.job_type).inc()
+                log.warning("job stopped, nothing more written: %s", exc)
+            except Exception as exc:
+                entry.finishing = True
+                await self._record_failure(claimed, job, exc)
+            finally:
+                self.metrics.run_seconds.labels(claimed.job_type).observe(
+                    time.monotonic() - entry.started)
+                if self.in_flight.get(claimed.job_id) is entry:
+                    del self.in_flight[claimed.job_id]
+                self.metrics.in_flight.set(len(self.in_flight))
+                self._slot_free.set()
+
+    async def _on_cancelled(self, entry: InFlight) -> None:
+        if entry.stop_reason != "shutdown":
+            log.warning("job cancelled (%s): nothing more written", entry.stop_reason)
+            return
+        try:
+            async with asyncio.timeout(self.config.shutdown_call_timeout_s):
+                if await self.store.release(entry.claimed.job_id, self.config.worker_id):
+                    self.metrics.released.labels(entry.claimed.job_type).inc()
+                    log.info("job released for another worker (no attempt used)")
+        except (StoreError, TimeoutError) as exc:
+            log.error("could not release job at shutdown; its lease will expire: %s", exc)
+
+    async def _record_failure(self, claimed: ClaimedJob, job: Job | None,
+                              exc: BaseException) -> None:
+        failure = classify(exc)
+        retry_count = job.retry_count if job else claimed.retry_count
+        allowed = min(job.max_retries if job else self.config.max_retries,
+                      self.config.max_retries)
+        will_retry = failure.retryable and retry_count < allowed
+        details = error_details(failure, attempt=retry_count + 1,
+                                worker_id=self.config.worker_id, will_retry=will_retry)
+        retry_at = None
+        if will_retry:
+            delay = retry_delay(retry_count, self.config.retry_base_s, self.config.retry_max_s,
+                                failure.retry_after)
+            retry_at = datetime.now(UTC) + timedelta(seconds=delay)
+            details["retry_in_s"] = round(delay, 3)
+        log.log(logging.WARNING if will_retry else logging.ERROR,
+                "job failed (%s, %s): %s", failure.kind,
+                "will retry" if will_retry else "final", failure.message,
+                exc_info=failure.kind == "internal")
+        try:
+            ok = await self.store.fail(claimed.job_id, self.config.worker_id,
+                                       error_details=details, retry_count=retry_count + 1,
+                                       retry_at=retry_at)
+        except StoreError as store_exc:
+            log.error("could not record the failure; the lease will expire: %s", store_exc)
+            return
+        if not ok:
+            log.warning("failure not recorded: the lease was already lost")
+        elif will_retry:
+            self.metrics.retried.labels(claimed.job_type, failure.kind).inc()
+        else:
+            self.metrics.failed.labels(claimed.job_type, failure.kind).inc()

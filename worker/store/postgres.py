@@ -1,0 +1,167 @@
+"""PostgresStore: a direct asyncpg pool (used when DATABASE_URL is set).
+
+Safe behind Supabase's transaction pooler (port 6543): no prepared-statement
+cache and no LISTEN there. On a direct or session-mode connection a dedicated
+connection LISTENs for new-job notifications so idle workers claim at once; the
+poll stays as the fallback because a NOTIFY is only a hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from worker.store.base import StoreError, TransientStoreError, error_from_code
+from worker.store.sqlapi import SqlFunctionStore
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "genworker_jobs"
+
+# The one statement the worker sends that is not a function call: the fenced
+# failure UPDATE, exactly as documented in README "Database" (and as the REST
+# adapter's PATCH). Column names come from a fixed set, never from input.
+_FAIL_COLUMNS = ("status", "retry_count", "scheduled_at", "error_details")
+FAIL_UPDATE = (
+    "update public.job_queue set status = $3,"
+    " retry_count = coalesce($4, retry_count), scheduled_at = coalesce($5, scheduled_at),"
+    " error_details = $6 where id = $1 and worker_id = $2 and status = 'processing'"
+)
+
+_CONNECTION_ERRORS = (
+    OSError, asyncio.TimeoutError, asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+)
+
+
+def is_transaction_pooler(dsn: str) -> bool:
+    return urlsplit(dsn).port == 6543
+
+
+def _call_sql(fn: str, params: Mapping[str, Any], *, select_star: bool) -> str:
+    """``fn(name => $1, ...)`` in named notation; names are our own constants."""
+    args = ", ".join(f"{name} => ${i}" for i, name in enumerate(params, start=1))
+    return f"select * from public.{fn}({args})" if select_star else f"select public.{fn}({args})"
+
+
+class PostgresStore(SqlFunctionStore):
+    name = "postgres"
+
+    def __init__(self, dsn: str, *, pool_size: int = 10, listen: bool | None = None,
+                 command_timeout: float = 15.0) -> None:
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self.pooler = is_transaction_pooler(dsn)
+        self.listen = (not self.pooler) if listen is None else listen
+        self.command_timeout = command_timeout
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._wake = asyncio.Event()
+        self.notifications = 0
+
+    async def open(self) -> PostgresStore:
+        self._pool = await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=self.pool_size, init=self._init_connection,
+            command_timeout=self.command_timeout,
+            statement_cache_size=0 if self.pooler else 100,
+        )
+        if self.listen:
+            await self._start_listener()
+        return self
+
+    @staticmethod
+    async def _init_connection(conn: asyncpg.Connection) -> None:
+        for typ in ("json", "jsonb"):
+            await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads,
+                                      schema="pg_catalog")
+
+    # -- LISTEN ---------------------------------------------------------------------
+    async def _start_listener(self) -> None:
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=10)
+            await conn.add_listener(CHANNEL, self._on_notify)
+            conn.add_termination_listener(lambda _c: self._listener_lost())
+            self._listener = conn
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            log.warning("LISTEN unavailable, polling only: %s", exc)
+            self._listener = None
+
+    def _on_notify(self, *_args: Any) -> None:
+        self.notifications += 1
+        self._wake.set()
+
+    def _listener_lost(self) -> None:
+        if self._listener is None:  # closed by us
+            return
+        log.warning("LISTEN connection lost; polling until it is re-established")
+        self._listener = None
+
+    @property
+    def listening(self) -> bool:
+        return self._listener is not None and not self._listener.is_closed()
+
+    async def wait_for_work(self, seconds: float) -> bool:
+        if self.listen and not self.listening:
+            await self._start_listener()  # re-arm after a database blip
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._wake.clear()
+
+    # -- transport ----------------------------------------------------------------------
+    async def _run(self, method: str, sql: str, *args: Any) -> Any:
+        if self._pool is None:
+            raise StoreError("PostgresStore is not open")
+        try:
+            async with self._pool.acquire(timeout=self.command_timeout) as conn:
+                return await getattr(conn, method)(sql, *args)
+        except asyncpg.PostgresError as exc:
+            raise error_from_code(exc.sqlstate, str(exc)) from exc
+        except _CONNECTION_ERRORS as exc:
+            raise TransientStoreError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _value(self, fn: str, params: Mapping[str, Any]) -> Any:
+        return await self._run("fetchval", _call_sql(fn, params, select_star=False),
+                               *params.values())
+
+    async def _rows(self, fn: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        rows = await self._run("fetch", _call_sql(fn, params, select_star=True), *params.values())
+        return [dict(r) for r in rows]
+
+    async def _column(self, fn: str, params: Mapping[str, Any]) -> list[Any]:
+        rows = await self._run("fetch", _call_sql(fn, params, select_star=True), *params.values())
+        return [r[0] for r in rows]
+
+    async def _fail_update(self, job_id: str, worker_id: str, values: dict[str, Any]) -> int:
+        assert set(values) <= set(_FAIL_COLUMNS)
+        status = await self._run(
+            "execute", FAIL_UPDATE, job_id, worker_id, values["status"],
+            values.get("retry_count"), values.get("scheduled_at"), values["error_details"])
+        return int(status.split()[-1])
+
+    async def _fetch_job(self, job_id: str) -> Mapping[str, Any] | None:
+        rows = await self._rows("get_job", {"p_job_id": job_id})
+        return rows[0] if rows else None
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            try:
+                await asyncio.wait_for(listener.close(), 5)
+            except Exception:  # closing a dead connection must not block shutdown
+                listener.terminate()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except Exception:
+                pool.terminate()

@@ -1,0 +1,168 @@
+"""The Store operations, written once in terms of the SQL functions they call.
+
+Each adapter supplies only the transport: how to call a function returning a
+value, rows or a column, plus the fenced failure UPDATE and the full-row fetch.
+The SQL function names and parameter names therefore live in this one file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from worker.store.base import ClaimedJob, Job, transport_retry
+
+
+class SqlFunctionStore(ABC):
+    """Implements ``Store`` over three call primitives an adapter provides."""
+
+    name = "abstract"
+
+    # -- transport, per adapter ---------------------------------------------------
+    @abstractmethod
+    async def _value(self, fn: str, params: Mapping[str, Any]) -> Any:
+        """Call a function returning one value (scalar or jsonb)."""
+
+    @abstractmethod
+    async def _rows(self, fn: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Call a SETOF / TABLE function returning rows."""
+
+    @abstractmethod
+    async def _column(self, fn: str, params: Mapping[str, Any]) -> list[Any]:
+        """Call a SETOF <scalar> function."""
+
+    @abstractmethod
+    async def _fail_update(self, job_id: str, worker_id: str, values: dict[str, Any]) -> int:
+        """The documented fenced UPDATE of job_queue; returns the rows changed (0 or 1)."""
+
+    @abstractmethod
+    async def _fetch_job(self, job_id: str) -> Mapping[str, Any] | None: ...
+
+    # -- queue --------------------------------------------------------------------
+    async def claim(
+        self, worker_id: str, job_types: Sequence[str] | None, job_lanes: Sequence[str] | None
+    ) -> ClaimedJob | None:
+        rows = await self._rows(
+            "claim_next_job_v3",
+            {"worker_id": worker_id,
+             "job_types": list(job_types) if job_types else None,
+             "job_lanes": list(job_lanes) if job_lanes else None},
+        )
+        return ClaimedJob.from_row(rows[0]) if rows else None
+
+    @transport_retry
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._fetch_job(job_id)
+        return Job.from_row(row) if row else None
+
+    @transport_retry
+    async def heartbeat(self, job_id: str, worker_id: str) -> bool:
+        return bool(await self._value(
+            "update_job_heartbeat", {"p_job_id": job_id, "p_worker_id": worker_id}))
+
+    @transport_retry
+    async def heartbeat_many(self, job_ids: Sequence[str], worker_id: str) -> set[str]:
+        if not job_ids:
+            return set()
+        held = await self._column(
+            "heartbeat_jobs", {"p_worker_id": worker_id, "p_job_ids": list(job_ids)})
+        return {str(j) for j in held}
+
+    @transport_retry
+    async def complete(self, job_id: str, worker_id: str, result: Mapping[str, Any]) -> bool:
+        return bool(await self._value(
+            "complete_job",
+            {"p_job_id": job_id, "p_worker_id": worker_id, "p_job_result": dict(result)}))
+
+    @transport_retry
+    async def fail(
+        self, job_id: str, worker_id: str, *, error_details: Mapping[str, Any],
+        retry_count: int, retry_at: datetime | None,
+    ) -> bool:
+        values: dict[str, Any] = {"error_details": dict(error_details)}
+        if retry_at is None:
+            values["status"] = "failed"
+        else:
+            values.update(status="pending", retry_count=retry_count, scheduled_at=retry_at)
+        return await self._fail_update(job_id, worker_id, values) == 1
+
+    @transport_retry
+    async def release(self, job_id: str, worker_id: str) -> bool:
+        return bool(await self._value(
+            "release_job", {"p_job_id": job_id, "p_worker_id": worker_id}))
+
+    @transport_retry
+    async def release_worker_jobs(self, worker_id: str) -> int:
+        return int(await self._value("release_worker_jobs", {"p_worker_id": worker_id}) or 0)
+
+    @transport_retry
+    async def queue_stats(self) -> dict[str, Any]:
+        return dict(await self._value("queue_stats", {}) or {})
+
+    async def ping(self) -> None:
+        await self._value("queue_stats", {})
+
+    async def wait_for_work(self, seconds: float) -> bool:
+        """Poll-only by default; PostgresStore overrides it with LISTEN."""
+        import asyncio
+
+        await asyncio.sleep(seconds)
+        return False
+
+    # -- chapter writes -------------------------------------------------------------
+    @transport_retry
+    async def start_chapter(
+        self, job_id: str, worker_id: str, tail_chars: int
+    ) -> dict[str, Any] | None:
+        return await self._value(
+            "start_chapter_generation",
+            {"p_job_id": job_id, "p_worker_id": worker_id, "p_tail_chars": tail_chars})
+
+    @transport_retry
+    async def save_outline(
+        self, job_id: str, worker_id: str, title: str, outline: Mapping[str, Any]
+    ) -> bool:
+        return bool(await self._value(
+            "save_chapter_outline",
+            {"p_job_id": job_id, "p_worker_id": worker_id, "p_title": title,
+             "p_outline": dict(outline)}))
+
+    @transport_retry
+    async def append_chapter(
+        self, job_id: str, worker_id: str, *, offset: int, text: str, progress: int,
+        current_step: str, checkpoint: Mapping[str, Any] | None = None,
+    ) -> bool:
+        return bool(await self._value(
+            "append_chapter_content",
+            {"p_job_id": job_id, "p_worker_id": worker_id, "p_offset": offset, "p_text": text,
+             "p_progress": progress, "p_current_step": current_step,
+             "p_checkpoint": dict(checkpoint) if checkpoint is not None else None}))
+
+    @transport_retry
+    async def rewind_chapter(self, job_id: str, worker_id: str, length: int) -> bool:
+        return bool(await self._value(
+            "rewind_chapter_content",
+            {"p_job_id": job_id, "p_worker_id": worker_id, "p_length": length}))
+
+    @transport_retry
+    async def finish_chapter(self, job_id: str, worker_id: str) -> int | None:
+        """Mark the chapter completed; its word count, or None when the lease is lost."""
+        return await self._value(
+            "finish_chapter", {"p_job_id": job_id, "p_worker_id": worker_id})
+
+    # -- operators --------------------------------------------------------------------
+    async def requeue_failed(
+        self, job_ids: Sequence[str] | None = None, job_type: str | None = None,
+        failed_after: datetime | None = None, limit: int = 1000,
+    ) -> list[str]:
+        ids = await self._column(
+            "requeue_failed_jobs",
+            {"p_job_ids": list(job_ids) if job_ids else None, "p_job_type": job_type,
+             "p_failed_after": failed_after, "p_limit": limit})
+        return [str(i) for i in ids]
+
+    async def purge_finished(self, older_than_days: int) -> int:
+        return int(await self._value(
+            "purge_finished_jobs", {"p_older_than_days": older_than_days}) or 0)

@@ -1,0 +1,93 @@
+"""SupabaseStore: the same SQL functions over PostgREST with the supabase-py async client.
+
+One client per process on an httpx client we build ourselves: HTTP/1.1 (HTTP/2
+connections to PostgREST have known stale-stream failures, see the reference),
+a pool sized to the concurrency and explicit timeouts. Poll-only: PostgREST
+offers no LISTEN. supabase-py raises ``postgrest.APIError`` for any non-2xx
+body and raw httpx exceptions for transport failures; both become StoreErrors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import httpx
+from postgrest.exceptions import APIError
+from supabase import AsyncClient, AsyncClientOptions, acreate_client
+
+from worker.store.base import TransientStoreError, error_from_code
+from worker.store.sqlapi import SqlFunctionStore
+
+
+def build_http_client(concurrency: int, *, timeout_s: float = 15.0) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        http2=False,
+        timeout=httpx.Timeout(timeout_s, connect=5.0, pool=10.0),
+        limits=httpx.Limits(max_connections=concurrency + 4,
+                            max_keepalive_connections=min(concurrency + 4, 20),
+                            keepalive_expiry=30.0),
+    )
+
+
+def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
+    """supabase-py json-encodes with allow_nan=False; make datetimes ISO up front."""
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in params.items()}
+
+
+class SupabaseStore(SqlFunctionStore):
+    name = "supabase"
+
+    def __init__(self, url: str, service_role_key: str, *, concurrency: int = 50,
+                 timeout_s: float = 15.0, http: httpx.AsyncClient | None = None) -> None:
+        self.url = url
+        self._key = service_role_key
+        self._http = http or build_http_client(concurrency, timeout_s=timeout_s)
+        self._client: AsyncClient | None = None
+
+    async def open(self) -> SupabaseStore:
+        self._client = await acreate_client(
+            self.url, self._key, options=AsyncClientOptions(httpx_client=self._http))
+        return self
+
+    @property
+    def client(self) -> AsyncClient:
+        if self._client is None:
+            raise RuntimeError("SupabaseStore is not open")
+        return self._client
+
+    async def _execute(self, builder: Any) -> Any:
+        try:
+            return (await builder.execute()).data
+        except APIError as exc:
+            code = exc.code or ""
+            raise error_from_code(str(code), exc.message or str(exc)) from exc
+        except (httpx.TransportError, json.JSONDecodeError) as exc:
+            raise TransientStoreError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _value(self, fn: str, params: Mapping[str, Any]) -> Any:
+        return await self._execute(self.client.rpc(fn, _jsonable(params)))
+
+    async def _rows(self, fn: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return list(await self._execute(self.client.rpc(fn, _jsonable(params))) or [])
+
+    async def _column(self, fn: str, params: Mapping[str, Any]) -> list[Any]:
+        return list(await self._execute(self.client.rpc(fn, _jsonable(params))) or [])
+
+    async def _fail_update(self, job_id: str, worker_id: str, values: dict[str, Any]) -> int:
+        # PATCH /rest/v1/job_queue?id=eq.<job>&worker_id=eq.<worker>&status=eq.processing
+        rows = await self._execute(
+            self.client.table("job_queue").update(_jsonable(values))
+            .eq("id", job_id).eq("worker_id", worker_id).eq("status", "processing"))
+        return len(rows or [])
+
+    async def _fetch_job(self, job_id: str) -> Mapping[str, Any] | None:
+        # GET: supabase-py retries idempotent reads on 503/520 and disconnects itself.
+        rows = await self._execute(
+            self.client.table("job_queue").select("*").eq("id", job_id).limit(1))
+        return rows[0] if rows else None
+
+    async def close(self) -> None:
+        await self._http.aclose()
