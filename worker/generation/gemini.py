@@ -1,0 +1,610 @@
+"""``TextModel`` on Gemini through the official google-genai async client.
+
+Design decisions (see /work/shared/reference/google-genai.md for the evidence):
+
+* **Transport: aiohttp, injected explicitly.** The SDK silently picks aiohttp
+  whenever it is importable (we install it for the health endpoint), so we make
+  that choice visible and own the session: a ``TCPConnector`` bounded to the
+  stream limit (the SDK's own is unlimited) with a socket-connect timeout. aiohttp
+  is also the transport that releases pooled connections on early exit and
+  mid-stream errors; httpx/httpx2 leak them until cyclic GC runs (reference §8).
+  Its per-request ``ClientTimeout(total=...)`` is a cap on the *whole* request,
+  which is exactly what ``request_timeout_s`` means here.
+* **Idle timeout in the app**, with ``asyncio.timeout`` around each ``__anext__``:
+  cancelling inside ``__anext__`` is what releases the connection, and it works
+  the same on every transport.
+* **No SDK retries.** The job queue retries with backoff and honours
+  ``retry_after``; SDK retries would ignore ``RetryInfo`` and multiply attempts.
+  ``HttpRetryOptions(attempts=1)`` also disables aiohttp's hidden 1-10 s retry.
+* **Every ending is classified here** into ``worker.errors`` exceptions, so the
+  pipeline never sees SDK enums, ``APIError`` or transport exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+from aiolimiter import AsyncLimiter
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+from pydantic import BaseModel
+
+from worker.errors import JobError, PermanentJobError, RetryableJobError
+from worker.generation.model import Outline, Usage
+
+try:  # Not our transport, but an injected or future client may raise them.
+    import httpx
+    import httpx2
+
+    _HTTPX_TRANSPORT: tuple[type[BaseException], ...] = (
+        httpx.TransportError,
+        httpx2.TransportError,
+    )
+    _HTTPX_CONNECT: tuple[type[BaseException], ...] = (httpx.ConnectError, httpx2.ConnectError)
+except ImportError:  # pragma: no cover - both ship with google-genai 3.x
+    _HTTPX_TRANSPORT = ()
+    _HTTPX_CONNECT = ()
+
+DEFAULT_RETRY_AFTER_S = 30.0
+DAILY_QUOTA_RETRY_AFTER_S = 3600.0
+
+# Endings that mean "the model will not write this"; retrying the same prompt cannot help.
+_BLOCKING_FINISH = frozenset(
+    {"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "OTHER", "LANGUAGE",
+     "IMAGE_SAFETY", "MODEL_ARMOR", "JAILBREAK", "RECITATION"}
+)
+_NORMAL_FINISH = frozenset({"STOP", "MAX_TOKENS"})
+_RETRYABLE_STATUS = frozenset({408, 429, 499})
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)s\s*$")
+
+
+class _OutlineSchema(BaseModel):
+    """The ``responseSchema`` sent for the outline call."""
+
+    title: str
+    bullets: list[str]
+
+
+class _ConnectTimeoutConnector(aiohttp.TCPConnector):
+    """A ``TCPConnector`` that applies our socket-connect timeout.
+
+    The SDK passes ``ClientTimeout(total=...)`` on every request, which replaces
+    the session's timeout object, so a connect timeout set on the session would be
+    ignored; the connector is the one place that sees every request's timeout.
+    """
+
+    def __init__(self, *, connect_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._connect_timeout_s = connect_timeout_s
+
+    async def connect(
+        self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout  # noqa: ASYNC109 (aiohttp's)
+    ) -> Any:
+        timeout = aiohttp.ClientTimeout(
+            total=timeout.total,
+            connect=timeout.connect,
+            sock_read=timeout.sock_read,
+            sock_connect=self._connect_timeout_s,
+            ceil_threshold=timeout.ceil_threshold,
+        )
+        return await super().connect(req, traces, timeout)
+
+
+class _Limiter:
+    """Per-process admission: at most N requests in flight and an RPM budget.
+
+    The semaphore is taken first so a request waiting for a slot does not burn
+    rate tokens. The rate bucket holds ten seconds' worth of requests, so no
+    60-second window sees much more than ``requests_per_minute`` (a bucket of a
+    full minute would allow close to twice that in the first minute).
+    """
+
+    def __init__(self, max_concurrent: int, requests_per_minute: float | None) -> None:
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent_streams must be >= 1")
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._rate: AsyncLimiter | None = None
+        if requests_per_minute:
+            burst = max(1, int(requests_per_minute // 6))
+            self._rate = AsyncLimiter(burst, 60.0 * burst / requests_per_minute)
+
+    async def acquire(self) -> None:
+        await self._slots.acquire()
+        try:
+            if self._rate is not None:
+                await self._rate.acquire()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self) -> None:
+        self._slots.release()
+
+
+class GeminiModel:
+    """The Gemini ``TextModel``. Create one per process and ``await aclose()`` it.
+
+    ``idle_timeout_s`` is the longest allowed gap between chunks, including the
+    wait for the first one (thinking time), so keep it above the worst case.
+    ``request_timeout_s`` caps a whole request; it must exceed the longest section.
+    """
+
+    name = "gemini"
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        api_version: str = "v1",
+        connect_timeout_s: float = 10.0,
+        idle_timeout_s: float = 120.0,
+        request_timeout_s: float = 600.0,
+        max_concurrent_streams: int = 50,
+        requests_per_minute: float | None = None,
+        thinking_level: str | None = None,
+    ) -> None:
+        if not api_key:
+            raise ValueError("api_key is required")
+        self._api_key = api_key
+        self._base_url = base_url
+        self._api_version = api_version
+        self._connect_timeout_s = connect_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.max_concurrent_streams = max_concurrent_streams
+        self._thinking_level = thinking_level
+        self._limiter = _Limiter(max_concurrent_streams, requests_per_minute)
+        self._session: aiohttp.ClientSession | None = None
+        self._client: genai.Client | None = None
+
+    # -- client lifecycle ---------------------------------------------------------
+
+    def _sdk(self) -> genai.Client:
+        """Create the session and client on first use, inside the running loop.
+
+        aiohttp sessions bind to the loop that creates them, so the constructor
+        stays loop-free and may run before ``asyncio.run``.
+        """
+        if self._client is None:
+            connector = _ConnectTimeoutConnector(
+                connect_timeout_s=self._connect_timeout_s,
+                # The semaphore is the real bound; the connector caps sockets even if a
+                # stream escaped it, with headroom for connections still closing.
+                limit=self.max_concurrent_streams + 4,
+            )
+            # trust_env like the SDK's own session: honour HTTPS_PROXY in deployments.
+            self._session = aiohttp.ClientSession(
+                connector=connector, trust_env=True, read_bufsize=2**22
+            )
+            self._client = genai.Client(
+                api_key=self._api_key,
+                vertexai=False,
+                http_options=types.HttpOptions(
+                    base_url=self._base_url,
+                    api_version=self._api_version,
+                    timeout=int(self.request_timeout_s * 1000),
+                    retry_options=types.HttpRetryOptions(attempts=1),
+                    aiohttp_client=self._session,
+                ),
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        client, session = self._client, self._session
+        self._client = self._session = None
+        if client is not None:
+            await client.aio.aclose()
+        if session is not None:  # injected: the SDK leaves it to us
+            await session.close()
+
+    # -- calls --------------------------------------------------------------------
+
+    def _config(self, system: str, **kwargs: Any) -> types.GenerateContentConfig:
+        thinking = (
+            types.ThinkingConfig(thinking_level=self._thinking_level)
+            if self._thinking_level
+            else None
+        )
+        return types.GenerateContentConfig(
+            system_instruction=system or None,
+            thinking_config=thinking,
+            # Our drops and truncations must reach the job queue, not be resumed
+            # (and billed) behind our back; AFC is irrelevant without tools.
+            automatic_continuation=False,
+            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+            **kwargs,
+        )
+
+    async def outline(self, *, model: str, system: str, prompt: str) -> tuple[Outline, Usage]:
+        """One non-streaming structured-JSON call; bad JSON is retryable."""
+        client = self._sdk()
+        await self._limiter.acquire()
+        try:
+            response = await client.aio.models.generate_content(
+                model=model,
+                contents=prompt,
+                config=self._config(
+                    system,
+                    response_mime_type="application/json",
+                    response_schema=_OutlineSchema,
+                ),
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if (error := self._translate(exc, received_chunks=0)) is None:
+                raise
+            raise error from exc
+        finally:
+            self._limiter.release()
+
+        usage = _usage(response.usage_metadata) or Usage()
+        _raise_if_blocked(response)
+        candidate = response.candidates[0] if response.candidates else None
+        finish = _enum_value(candidate.finish_reason) if candidate else None
+        if finish is not None and finish != "STOP":
+            raise _invalid_output(f"outline ended with finishReason {finish}")
+        return _parse_outline(response.text), usage
+
+    def stream_section(
+        self, *, model: str, system: str, prompt: str, max_output_tokens: int
+    ) -> GeminiSectionStream:
+        config = self._config(system, max_output_tokens=max_output_tokens)
+        return GeminiSectionStream(self, model=model, prompt=prompt, config=config)
+
+    # -- classification -----------------------------------------------------------
+
+    def _translate(self, exc: BaseException, *, received_chunks: int) -> JobError | None:
+        """Map an SDK or transport exception to a ``JobError``; ``None`` if unknown."""
+        if isinstance(exc, genai_errors.APIError):
+            return classify_api_error(exc, api_key=self._api_key, mid_stream=received_chunks > 0)
+        if isinstance(exc, (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError,
+                            *_HTTPX_CONNECT)):
+            return RetryableJobError(
+                _redact(f"cannot connect to Gemini: {type(exc).__name__}: {exc}", self._api_key),
+                kind="model_unavailable",
+                user_message="Gemini could not be reached; the chapter will be retried.",
+            )
+        if isinstance(exc, (aiohttp.ClientError, ConnectionError, *_HTTPX_TRANSPORT)):
+            return RetryableJobError(
+                _redact(f"Gemini stream interrupted: {type(exc).__name__}: {exc}", self._api_key),
+                kind="stream_interrupted",
+                user_message="The connection to Gemini dropped while writing; "
+                "the chapter will be retried.",
+                detail={"chunks_received": received_chunks},
+            )
+        if isinstance(exc, TimeoutError):  # aiohttp's total cap = request_timeout_s
+            return RetryableJobError(
+                f"Gemini request exceeded {self.request_timeout_s:g}s",
+                kind="stream_timeout",
+                user_message="Writing this section took too long; the chapter will be retried.",
+            )
+        if isinstance(exc, genai_errors.UnknownApiResponseError):
+            return RetryableJobError(
+                _redact(f"unreadable Gemini stream: {exc}", self._api_key),
+                kind="stream_interrupted",
+                user_message="Gemini sent a garbled response; the chapter will be retried.",
+            )
+        return None
+
+
+class GeminiSectionStream:
+    """One streamed section. Use only as ``async with``: ``__aexit__`` closes the stream.
+
+    The request is sent on the first ``__anext__``. Any abnormal ending raises a
+    ``JobError`` from iteration after the HTTP stream has been released.
+    """
+
+    def __init__(
+        self, owner: GeminiModel, *, model: str, prompt: str, config: types.GenerateContentConfig
+    ) -> None:
+        self._owner = owner
+        self._model = model
+        self._prompt = prompt
+        self._config = config
+        self._agen: AsyncIterator[types.GenerateContentResponse] | None = None
+        self._started = False
+        self._done = False
+        self._holds_slot = False
+        self._chunks = 0
+        self.finish_reason: str | None = None
+        self.usage = Usage()
+
+    async def __aenter__(self) -> GeminiSectionStream:
+        client = self._owner._sdk()
+        await self._owner._limiter.acquire()
+        self._holds_slot = True
+        try:
+            # Sends nothing yet: returns the SDK's async generator.
+            self._agen = await client.aio.models.generate_content_stream(
+                model=self._model, contents=self._prompt, config=self._config
+            )
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self._close_stream()
+        finally:
+            self._release()
+
+    def __aiter__(self) -> GeminiSectionStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._agen is None:
+            raise RuntimeError("use `async with model.stream_section(...)` before iterating")
+        while not self._done:
+            self._started = True
+            idle = asyncio.timeout(self._owner.idle_timeout_s)
+            try:
+                async with idle:
+                    chunk = await self._agen.__anext__()
+            except StopAsyncIteration:
+                self._done = True
+                if self.finish_reason is None:
+                    raise RetryableJobError(
+                        f"Gemini stream ended without a finish reason after {self._chunks} chunks",
+                        kind="stream_truncated",
+                        user_message="Gemini's response ended early; the chapter will be retried.",
+                        detail={"chunks_received": self._chunks},
+                    ) from None
+                raise
+            except asyncio.CancelledError:
+                self._done = True  # __aexit__ still aborts, in case a chunk had arrived
+                raise
+            except Exception as exc:
+                self._done = True  # an exception out of the generator finished it
+                if isinstance(exc, TimeoutError) and idle.expired():
+                    raise RetryableJobError(
+                        f"no Gemini chunk for {self._owner.idle_timeout_s:g}s "
+                        f"after {self._chunks} chunks",
+                        kind="stream_stalled",
+                        user_message="Gemini stopped sending text; the chapter will be retried.",
+                        detail={"chunks_received": self._chunks},
+                    ) from exc
+                if (error := self._owner._translate(exc, received_chunks=self._chunks)) is None:
+                    raise
+                raise error from exc
+
+            self._chunks += 1
+            try:
+                text = self._absorb(chunk)
+            except JobError:
+                await self._close_stream()
+                raise
+            if text:
+                return text
+        raise StopAsyncIteration
+
+    def _absorb(self, chunk: types.GenerateContentResponse) -> str:
+        """Record usage and finish reason; raise on blocked or unusable endings."""
+        usage = _usage(chunk.usage_metadata)
+        if usage is not None:
+            self.usage = usage  # a running total: keep the last, never sum
+        _raise_if_blocked(chunk)
+        candidate = chunk.candidates[0] if chunk.candidates else None
+        finish = _enum_value(candidate.finish_reason) if candidate else None
+        if finish is not None:
+            if finish not in _NORMAL_FINISH:
+                raise _invalid_output(f"section ended with finishReason {finish}")
+            self.finish_reason = finish
+        return chunk.text or ""
+
+    async def _close_stream(self) -> None:
+        agen, self._done = self._agen, True
+        if agen is None:
+            return
+        if not self._started:
+            await agen.aclose()  # never sent: nothing to release
+            return
+        await _abort(agen)
+
+    def _release(self) -> None:
+        if self._holds_slot:
+            self._holds_slot = False
+            self._owner._limiter.release()
+
+
+async def _abort(agen: AsyncIterator[Any]) -> None:
+    """Close a started SDK stream by cancelling inside ``__anext__`` (reference §8).
+
+    ``break`` or ``aclose()`` leave the generator that owns the HTTP response
+    suspended; a cancellation delivered inside ``__anext__`` unwinds all of them.
+    A chunk may already be buffered, in which case ``__anext__`` returns it
+    before seeing the cancel, so repeat until the generator is finished.
+    """
+    while True:
+        step = asyncio.ensure_future(agen.__anext__())
+        try:
+            await asyncio.sleep(0)  # let the step start reading
+        finally:
+            step.cancel()
+        try:
+            await step
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our own cancellation: keep propagating it
+            return
+        except BaseException:  # StopAsyncIteration, API or transport error: finished
+            return
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def classify_api_error(
+    exc: genai_errors.APIError, *, api_key: str = "", mid_stream: bool = False
+) -> JobError:
+    """Classify an ``APIError`` (HTTP status or in-stream ``{"error": ...}``)."""
+    code = int(exc.code or 0)
+    status = str(exc.status or "")
+    label = f"{code} {status}".strip()
+    message = _redact(f"Gemini error {label}: {exc.message or ''}".rstrip(": "), api_key)
+    detail: dict[str, Any] = {"status_code": code, "status": status}
+    if code == 429:
+        retry_after = retry_delay_s(exc.details)
+        quota_ids = quota_ids_of(exc.details)
+        detail["quota_ids"] = quota_ids
+        if is_quota_daily(quota_ids):
+            return RetryableJobError(
+                message, kind="rate_limited",
+                retry_after=max(retry_after or 0.0, DAILY_QUOTA_RETRY_AFTER_S),
+                user_message="The daily Gemini quota is used up; "
+                "the chapter will be retried later.",
+                detail=detail,
+            )
+        wait = retry_after if retry_after is not None else DEFAULT_RETRY_AFTER_S
+        return RetryableJobError(
+            message, kind="rate_limited", retry_after=wait, detail=detail,
+            user_message=f"Gemini is busy (rate limit); the chapter will be retried "
+            f"in about {wait:.0f} seconds.",
+        )
+    if code >= 500 or code in _RETRYABLE_STATUS:
+        if mid_stream:
+            return RetryableJobError(
+                message, kind="stream_interrupted", detail=detail,
+                user_message="Gemini failed while writing; the chapter will be retried.",
+            )
+        return RetryableJobError(
+            message, kind="model_unavailable", detail=detail,
+            user_message=f"Gemini is temporarily unavailable ({label}); "
+            "the chapter will be retried.",
+        )
+    return PermanentJobError(
+        message, kind="model_request_rejected", detail=detail,
+        user_message=f"Gemini rejected the request ({label}). An operator needs to check "
+        "the API key, model name or billing.",
+    )
+
+
+def retry_delay_s(details: Any) -> float | None:
+    """Seconds from a ``google.rpc.RetryInfo`` ``retryDelay`` such as ``"53s"`` or ``"1.5s"``."""
+    for item in _error_details(details):
+        if str(item.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            match = _DURATION.match(str(item.get("retryDelay", "")))
+            if match:
+                return float(match.group(1))
+    return None
+
+
+def quota_ids_of(details: Any) -> list[str]:
+    """The ``quotaId`` of every ``google.rpc.QuotaFailure`` violation."""
+    ids: list[str] = []
+    for item in _error_details(details):
+        for violation in item.get("violations") or []:
+            if isinstance(violation, dict) and violation.get("quotaId"):
+                ids.append(str(violation["quotaId"]))
+    return ids
+
+
+def is_quota_daily(quota_ids: list[str]) -> bool:
+    """A per-day quota resets at midnight Pacific: retrying within minutes is pointless."""
+    return any("PerDay" in quota_id for quota_id in quota_ids)
+
+
+def _error_details(body: Any) -> list[dict[str, Any]]:
+    """``error.details`` of a parsed error body (an object or a one-element array)."""
+    if isinstance(body, list) and body:
+        body = body[0]
+    if not isinstance(body, dict):
+        return []
+    error = body.get("error", body)
+    items = error.get("details") if isinstance(error, dict) else None
+    return [item for item in items or [] if isinstance(item, dict)]
+
+
+def _enum_value(value: Any) -> str | None:
+    """SDK enums may be pseudo-members for unknown strings; compare ``.value``."""
+    if value is None:
+        return None
+    return str(getattr(value, "value", value))
+
+
+def _usage(meta: types.GenerateContentResponseUsageMetadata | None) -> Usage | None:
+    if meta is None:
+        return None
+    return Usage(
+        prompt_tokens=meta.prompt_token_count or 0,
+        output_tokens=meta.candidates_token_count or 0,
+        thoughts_tokens=meta.thoughts_token_count or 0,
+    )
+
+
+def _raise_if_blocked(response: types.GenerateContentResponse) -> None:
+    """Raise ``PermanentJobError`` for a blocked prompt or a safety-type finish reason."""
+    feedback = response.prompt_feedback
+    block = _enum_value(feedback.block_reason) if feedback else None
+    if block:
+        raise PermanentJobError(
+            f"Gemini blocked the prompt (blockReason {block})",
+            kind="safety_block",
+            user_message="The model declined to write this section because the request was "
+            f"flagged by Gemini's safety filters ({block}). "
+            "Try changing the premise or instructions.",
+            detail={"block_reason": block},
+        )
+    candidate = response.candidates[0] if response.candidates else None
+    finish = _enum_value(candidate.finish_reason) if candidate else None
+    if finish == "RECITATION":
+        raise PermanentJobError(
+            "Gemini stopped: finishReason RECITATION",
+            kind="recitation",
+            user_message="The model stopped because the text too closely repeated existing "
+            "published material (RECITATION). Try changing the premise or instructions.",
+            detail={"finish_reason": finish},
+        )
+    if finish in _BLOCKING_FINISH:
+        raise PermanentJobError(
+            f"Gemini stopped: finishReason {finish}",
+            kind="safety_block",
+            user_message="The model declined to write this section because it was flagged by "
+            f"Gemini's safety filters ({finish}). Try changing the premise or instructions.",
+            detail={"finish_reason": finish},
+        )
+
+
+def _invalid_output(message: str) -> RetryableJobError:
+    return RetryableJobError(
+        message,
+        kind="model_output_invalid",
+        user_message="Gemini returned an unusable response; the chapter will be retried.",
+    )
+
+
+def _parse_outline(text: str | None) -> Outline:
+    """Validate the outline JSON ourselves: ``response.parsed`` hides errors as ``None``."""
+    try:
+        data = json.loads(text or "")
+    except ValueError:
+        raise _invalid_output(f"outline is not valid JSON: {(text or '')[:200]!r}") from None
+    if not isinstance(data, dict):
+        raise _invalid_output("outline JSON is not an object")
+    title = data.get("title")
+    bullets = data.get("bullets")
+    if not isinstance(bullets, list):
+        raise _invalid_output("outline JSON has no bullets list")
+    clean = [b.strip() for b in bullets if isinstance(b, str) and b.strip()]
+    if not clean:
+        raise _invalid_output("outline has no bullets")
+    return Outline(title=title.strip() if isinstance(title, str) else "", bullets=clean)
+
+
+def _redact(text: str, api_key: str) -> str:
+    return text.replace(api_key, "[redacted]") if api_key else text
