@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from tests.support.database import TestServer, start_server
+from tests.support.database import PgTestServer, start_server
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[TestServer]:
+def pg_server() -> Iterator[PgTestServer]:
     server = start_server()
     yield server
     if server.cluster is not None:
@@ -19,7 +19,7 @@ def pg_server() -> Iterator[TestServer]:
 
 
 @pytest.fixture
-async def db_dsn(pg_server: TestServer) -> AsyncIterator[str]:
+async def db_dsn(pg_server: PgTestServer) -> AsyncIterator[str]:
     """A fresh database (bootstrap + migrations applied) for this test only."""
     dsn = await pg_server.create_database()
     yield dsn

@@ -27,7 +27,7 @@ def with_database(dsn: str, name: str) -> str:
 
 
 @dataclass
-class TestServer:
+class PgTestServer:
     admin_dsn: str
     cluster: LocalCluster | None
 
@@ -66,12 +66,12 @@ class TestServer:
             await conn.close()
 
 
-def start_server() -> TestServer:
+def start_server() -> PgTestServer:
     url = os.environ.get("TEST_DATABASE_URL")
     if url:
-        server = TestServer(url, None)
+        server = PgTestServer(url, None)
     else:
         cluster = LocalCluster().start()
-        server = TestServer(cluster.dsn(), cluster)
+        server = PgTestServer(cluster.dsn(), cluster)
     asyncio.run(server.build_template())
     return server

@@ -112,3 +112,46 @@ FAIL_UPDATE = (
     " error_details = $6::jsonb"
     " where id = $1 and worker_id = $2 and status = 'processing' returning id"
 )
+
+
+async def chapter_job(conn: asyncpg.Connection, *, options: dict[str, Any] | None = None,
+                      number: int = 1, lease_timeout_s: int | None = None
+                      ) -> tuple[str, str, str]:
+    """A user, a story and a chapter, enqueued the way the app does. Returns (user, chapter, job)."""
+    user = await create_user(conn)
+    story = await create_story(conn, user)
+    for n in range(1, number):
+        prev = await create_chapter(conn, story, user, n, f"Chapter {n}")
+        await conn.execute("update chapters set content = $1, status = 'completed' where id = $2",
+                           f"The end of chapter {n}.", prev)
+    chapter = await create_chapter(conn, story, user, number)
+    async with as_role(conn, "authenticated", user):
+        job = str(await conn.fetchval("select enqueue_chapter_generation($1, $2)", chapter,
+                                      json.dumps(options or {})))
+    if lease_timeout_s is not None:
+        await conn.execute("update job_queue set lease_timeout_s = $1 where id = $2",
+                           lease_timeout_s, job)
+    return user, chapter, job
+
+
+PROGRESS_LOG = """
+create table test_progress_log (
+  id bigserial primary key, at timestamptz default clock_timestamp(), chapter_id uuid,
+  progress int, content_length int, status text, current_step text);
+create function test_log_progress() returns trigger language plpgsql as $$
+begin
+  if new.content is distinct from old.content or new.progress is distinct from old.progress
+     or new.status is distinct from old.status then
+    insert into test_progress_log (chapter_id, progress, content_length, status, current_step)
+    values (new.id, new.progress, char_length(new.content), new.status, new.current_step);
+  end if;
+  return null;
+end $$;
+create trigger test_log_progress after update on chapters
+  for each row execute function test_log_progress();
+"""
+
+
+async def install_progress_log(conn: asyncpg.Connection) -> None:
+    """Test-only: record every chapter change, to assert progress and write counts."""
+    await conn.execute(PROGRESS_LOG)
