@@ -2,11 +2,12 @@
 -- SECURITY DEFINER so users never need write access to job_queue or to a
 -- chapter's generation fields; each function checks ownership through auth.uid().
 
-create or replace function public.enqueue_chapter_generation(
-  p_chapter_id uuid, p_options jsonb default '{}'::jsonb, p_idempotency_key text default null)
+-- The shared body: enqueue a chapter_generation job on behalf of p_user.
+create or replace function public.genworker_enqueue_chapter(
+  p_user uuid, p_chapter_id uuid, p_options jsonb, p_idempotency_key text)
 returns uuid language plpgsql volatile security definer set search_path = public, pg_temp as $$
 declare
-  v_user uuid := auth.uid();
+  v_user uuid := p_user;
   ch public.chapters;
   v_job uuid;
   v_active text;
@@ -58,6 +59,38 @@ begin
    where id = ch.id;
   return v_job;
 end $$;
+
+create or replace function public.enqueue_chapter_generation(
+  p_chapter_id uuid, p_options jsonb default '{}'::jsonb, p_idempotency_key text default null)
+returns uuid language sql volatile security definer set search_path = public, pg_temp as $$
+  select public.genworker_enqueue_chapter(auth.uid(), p_chapter_id, p_options, p_idempotency_key)
+$$;
+
+-- Operators (service_role): enqueue a chapter on behalf of its owner.
+create or replace function public.admin_enqueue_chapter(
+  p_chapter_id uuid, p_options jsonb default '{}'::jsonb, p_idempotency_key text default null)
+returns uuid language plpgsql volatile security definer set search_path = public, pg_temp as $$
+declare
+  v_owner uuid;
+begin
+  select owner_id into v_owner from public.chapters where id = p_chapter_id;
+  if v_owner is null then
+    raise exception using errcode = 'PT404', message = format('chapter %s not found', p_chapter_id);
+  end if;
+  return public.genworker_enqueue_chapter(v_owner, p_chapter_id, p_options, p_idempotency_key);
+end $$;
+
+-- Operators (service_role): enqueue any job type (smoke tests, benchmarks, other handlers).
+create or replace function public.enqueue_job(
+  p_job_type text, p_job_payload jsonb default '{}'::jsonb, p_priority integer default 0,
+  p_job_lane text default 'default', p_max_retries integer default 3,
+  p_delay_s double precision default 0)
+returns uuid language sql volatile set search_path = public, pg_temp as $$
+  insert into public.job_queue (job_type, job_payload, priority, job_lane, max_retries, scheduled_at)
+  values (p_job_type, coalesce(p_job_payload, '{}'::jsonb), p_priority, p_job_lane, p_max_retries,
+          now() + make_interval(secs => p_delay_s))
+  returning id
+$$;
 
 -- Owner only. A pending or paused job is cancelled at once; a processing one is
 -- cancelled here and its worker stops at its next heartbeat. False if already finished.

@@ -66,12 +66,15 @@ begin
          'save_chapter_outline', 'append_chapter_content', 'rewind_chapter_content',
          'finish_chapter', 'queue_stats', 'purge_finished_jobs', 'requeue_failed_jobs',
          'enqueue_chapter_generation', 'cancel_job', 'pause_job', 'resume_job',
+         'genworker_enqueue_chapter', 'admin_enqueue_chapter', 'enqueue_job',
          'genworker_touch_updated_at', 'job_queue_before_insert', 'job_queue_check_transition',
          'job_queue_after_change', 'job_events_immutable', 'job_queue_sync_chapter')
   loop
     execute format('revoke all on function %s from public, anon, authenticated, service_role', f.sig);
     if f.proname in ('enqueue_chapter_generation', 'cancel_job', 'pause_job', 'resume_job') then
       execute format('grant execute on function %s to authenticated', f.sig);
+    elsif f.proname = 'genworker_enqueue_chapter' then
+      null;  -- internal: reached only through the two wrappers
     elsif f.proname not in ('genworker_touch_updated_at', 'job_queue_before_insert',
                             'job_queue_check_transition', 'job_queue_after_change',
                             'job_events_immutable', 'job_queue_sync_chapter') then

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -99,7 +100,7 @@ async def test_happy_path_text_progress_and_writes(conn, store, model, fake_gemi
     assert any(s.startswith("section 2/3: ") for s in steps)
     # Buffered: far fewer writes than streamed chunks, and never a write without text
     # growth except the outline, the per-section checkpoints and the status changes.
-    appends = [r for a, r in zip(log, log[1:], strict=False)
+    appends = [r for a, r in itertools.pairwise(log)
                if r["content_length"] > a["content_length"]]
     chunks = sum(len(t) // fake_gemini.chunk_chars + 1 for t in sections)
     assert 3 <= len(appends) < chunks

@@ -31,7 +31,7 @@ async def running(store: Store, handlers: dict[str, Handler], **overrides: Any
         await asyncio.wait_for(task, 30)
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0,
+async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0,  # noqa: ASYNC109
                      every: float = 0.05) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

@@ -117,7 +117,7 @@ FAIL_UPDATE = (
 async def chapter_job(conn: asyncpg.Connection, *, options: dict[str, Any] | None = None,
                       number: int = 1, lease_timeout_s: int | None = None
                       ) -> tuple[str, str, str]:
-    """A user, a story and a chapter, enqueued the way the app does. Returns (user, chapter, job)."""
+    """A user, story and chapter, enqueued as the app does: (user, chapter, job)."""
     user = await create_user(conn)
     story = await create_story(conn, user)
     for n in range(1, number):
