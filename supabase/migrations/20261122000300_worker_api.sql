@@ -313,6 +313,19 @@ returns jsonb language sql stable set search_path = public, pg_temp as $$
     'generated_at', now())
 $$;
 
+-- A story's chapters at a glance (operators, the demo's progress bars); the text
+-- itself only when asked for.
+create or replace function public.story_progress(p_story_id uuid, p_with_content boolean default false)
+returns table (chapter_id uuid, number integer, title text, status text, progress integer,
+               current_step text, word_count integer, content_length integer,
+               error_message text, job_id uuid, content text)
+language sql stable set search_path = public, pg_temp as $$
+  select c.id, c.number, c.title, c.status, c.progress, c.current_step, c.word_count,
+         char_length(c.content), c.error_message, c.generation_job_id,
+         case when p_with_content then c.content end
+    from public.chapters c where c.story_id = p_story_id order by c.number
+$$;
+
 -- Retention: delete finished jobs (and their events) older than N days.
 create or replace function public.purge_finished_jobs(p_older_than_days integer)
 returns integer language plpgsql volatile set search_path = public, pg_temp as $$

@@ -64,7 +64,7 @@ begin
          'claim_next_job_v3', 'get_job', 'update_job_heartbeat', 'heartbeat_jobs', 'complete_job',
          'release_job', 'release_worker_jobs', 'genworker_fence', 'start_chapter_generation',
          'save_chapter_outline', 'append_chapter_content', 'rewind_chapter_content',
-         'finish_chapter', 'queue_stats', 'purge_finished_jobs', 'requeue_failed_jobs',
+         'finish_chapter', 'story_progress', 'queue_stats', 'purge_finished_jobs', 'requeue_failed_jobs',
          'enqueue_chapter_generation', 'cancel_job', 'pause_job', 'resume_job',
          'genworker_enqueue_chapter', 'admin_enqueue_chapter', 'enqueue_job',
          'genworker_touch_updated_at', 'job_queue_before_insert', 'job_queue_check_transition',

@@ -89,7 +89,6 @@ class ChapterHandler:
                 kind="bad_payload", user_message="The generation request named another chapter.")
         state: dict[str, Any] = dict(chapter.get("generation_state") or {})
         usage = _usage_of(state)
-        writes_before = 0
 
         outline = await self._outline(ctx, start, opts, chapter, usage_box := [usage])
         usage = usage_box[0]
@@ -101,14 +100,19 @@ class ChapterHandler:
                                OUTLINE_PROGRESS)
         tail = str(chapter.get("content_tail") or "")
         words_per_section = max(50, opts.target_words // total)
-        for index in range(done, total):
-            tail, usage = await self._section(ctx, writer, start, opts, outline, index, tail,
-                                              words_per_section, usage)
-            checkpoint = {"sections_done": index + 1, "content_length": writer.offset,
-                          "usage": _usage_dict(usage), "sections_total": total}
-            await writer.flush(progress=section_progress(index + 1, total, 0.0),
-                               step=f"section {index + 1}/{total} done", checkpoint=checkpoint)
-            ctx.report(writer.progress, writer.step)
+        try:
+            for index in range(done, total):
+                tail, usage = await self._section(ctx, writer, start, opts, outline, index,
+                                                  tail, words_per_section, usage)
+                checkpoint = {"sections_done": index + 1, "content_length": writer.offset,
+                              "usage": _usage_dict(usage), "sections_total": total}
+                await writer.flush(progress=section_progress(index + 1, total, 0.0),
+                                   step=f"section {index + 1}/{total} done",
+                                   checkpoint=checkpoint)
+                ctx.report(writer.progress, writer.step)
+        finally:
+            ctx.metrics.chapter_writes.inc(writer.writes)
+            ctx.metrics.chapter_bytes.inc(writer.bytes_sent)
         words = await ctx.store.finish_chapter(job_id, worker)
         if words is None:
             raise LeaseLost("finish_chapter refused: the lease was lost")
@@ -121,7 +125,7 @@ class ChapterHandler:
             "model": opts.model, "prompt_tokens": usage.prompt_tokens,
             "output_tokens": usage.output_tokens, "thoughts_tokens": usage.thoughts_tokens,
             "duration_s": round(time.monotonic() - t0, 3), "resumed_at_section": done,
-            "writes": writer.writes + writes_before, "bytes_written": writer.bytes_sent,
+            "writes": writer.writes, "bytes_written": writer.bytes_sent,
         }
 
     async def _outline(self, ctx: JobContext, start: Mapping[str, Any], opts: ChapterOptions,

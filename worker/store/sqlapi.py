@@ -166,3 +166,25 @@ class SqlFunctionStore(ABC):
     async def purge_finished(self, older_than_days: int) -> int:
         return int(await self._value(
             "purge_finished_jobs", {"p_older_than_days": older_than_days}) or 0)
+
+    async def enqueue_chapter(self, chapter_id: str, options: Mapping[str, Any] | None = None,
+                              idempotency_key: str | None = None) -> str:
+        """``admin_enqueue_chapter``: an operator enqueues on behalf of the chapter's owner."""
+        return str(await self._value(
+            "admin_enqueue_chapter",
+            {"p_chapter_id": chapter_id, "p_options": dict(options or {}),
+             "p_idempotency_key": idempotency_key}))
+
+    async def enqueue_job(self, job_type: str, payload: Mapping[str, Any] | None = None, *,
+                          priority: int = 0, lane: str = "default", max_retries: int = 3,
+                          delay_s: float = 0.0) -> str:
+        return str(await self._value(
+            "enqueue_job",
+            {"p_job_type": job_type, "p_job_payload": dict(payload or {}),
+             "p_priority": priority, "p_job_lane": lane, "p_max_retries": max_retries,
+             "p_delay_s": delay_s}))
+
+    async def story_progress(self, story_id: str, *, with_content: bool = False
+                             ) -> list[dict[str, Any]]:
+        return await self._rows("story_progress",
+                                {"p_story_id": story_id, "p_with_content": with_content})

@@ -1,0 +1,5 @@
+"""`python -m worker` is `genworker`."""
+
+from worker.cli import main
+
+raise SystemExit(main())
