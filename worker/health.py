@@ -51,9 +51,10 @@ def health_report(runner: Runner, monitor: LoopMonitor) -> tuple[int, dict[str, 
         problems.append("a side task (claim loop or heartbeat) is not running")
     if monitor.stuck:
         problems.append(f"event loop lag {monitor.lag_s:.1f}s")
-    if runner.consecutive_store_errors:
-        degraded.append(f"database unreachable for the last {runner.consecutive_store_errors} "
-                        "claim(s)")
+    if runner.store_down_since is not None:
+        degraded.append(f"database calls failing for "
+                        f"{time.monotonic() - runner.store_down_since:.1f}s: "
+                        f"{runner.last_store_error}")
     if runner.heartbeat.consecutive_failures:
         degraded.append(f"{runner.heartbeat.consecutive_failures} heartbeat round(s) failed")
     status = "unhealthy" if problems else "degraded" if degraded else "ok"

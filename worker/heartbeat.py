@@ -21,12 +21,14 @@ log = logging.getLogger(__name__)
 class Heartbeat:
     def __init__(self, store: Store, worker_id: str, interval_s: float, *,
                  job_ids: Callable[[], Iterable[str]], on_lost: Callable[[str], None],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics,
+                 on_result: Callable[[BaseException | None], None] = lambda _e: None) -> None:
         self.store = store
         self.worker_id = worker_id
         self.interval_s = interval_s
         self._job_ids = job_ids
         self._on_lost = on_lost
+        self._on_result = on_result
         self.metrics = metrics
         self.last_ok: float | None = None
         self.consecutive_failures = 0
@@ -47,11 +49,13 @@ class Heartbeat:
             # Keep going: a database blip shorter than the lease loses nothing, and a
             # longer one is answered by the first successful beat (jobs not held).
             self.consecutive_failures += 1
+            self._on_result(exc)
             self.metrics.heartbeat_failures.inc()
             log.warning("heartbeat failed (%d in a row): %s", self.consecutive_failures, exc)
             return
         self.consecutive_failures = 0
         self.last_ok = time.monotonic()
+        self._on_result(None)
         for job_id in ids:
             if job_id not in held:
                 self._on_lost(job_id)

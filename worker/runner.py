@@ -91,13 +91,15 @@ class Runner:
         self.last_claim_at: float | None = None  # wall time of the last job claimed
         self.last_claim_ok: float | None = None  # monotonic time of the last successful call
         self.consecutive_store_errors = 0
+        self.store_down_since: float | None = None  # monotonic time of the first failure
+        self.last_store_error: str | None = None
         self.stopping = asyncio.Event()
         self.fatal: BaseException | None = None
         self._slot_free = asyncio.Event()
         self.heartbeat = Heartbeat(
             store, config.worker_id, config.heartbeat_interval_s,
             job_ids=lambda: [j for j, f in self.in_flight.items() if not f.finishing],
-            on_lost=self._lease_lost, metrics=self.metrics)
+            on_lost=self._lease_lost, metrics=self.metrics, on_result=self._store_result)
         self._side_tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -148,6 +150,16 @@ class Runner:
             log.info("shutdown: cancelled and releasing %d job(s)", len(rest))
             await asyncio.gather(*(f.task for f in rest), return_exceptions=True)
 
+    def _store_result(self, error: BaseException | None) -> None:
+        """Every store outcome the process sees feeds /health's "degraded" signal."""
+        if error is None:
+            self.store_down_since = None
+            self.last_store_error = None
+        else:
+            if self.store_down_since is None:
+                self.store_down_since = time.monotonic()
+            self.last_store_error = str(error)[:300]
+
     # -- claiming ---------------------------------------------------------------------
     async def _claim_loop(self) -> None:
         idle = self.config.poll_interval_s
@@ -162,6 +174,7 @@ class Runner:
                     self.config.worker_id, self.config.job_types, self.config.job_lanes)
             except StoreError as exc:
                 self.consecutive_store_errors += 1
+                self._store_result(exc)
                 self.metrics.store_errors.labels("claim").inc()
                 log.warning("claim failed (%d in a row): %s", self.consecutive_store_errors, exc)
                 idle = min(self.config.poll_max_interval_s, idle * 2)
@@ -170,6 +183,7 @@ class Runner:
             self.metrics.claim_seconds.observe(time.monotonic() - t0)
             self.last_claim_ok = time.monotonic()
             self.consecutive_store_errors = 0
+            self._store_result(None)
             if claimed is None:
                 woke = await self.store.wait_for_work(idle * random.uniform(0.5, 1.0))
                 idle = self.config.poll_interval_s if woke else min(
@@ -239,6 +253,8 @@ class Runner:
                 log.warning("job stopped, nothing more written: %s", exc)
             except Exception as exc:
                 entry.finishing = True
+                if isinstance(exc, StoreError):
+                    self._store_result(exc)
                 await self._record_failure(claimed, job, exc)
             finally:
                 self.metrics.run_seconds.labels(claimed.job_type).observe(
@@ -284,6 +300,7 @@ class Runner:
                                        error_details=details, retry_count=retry_count + 1,
                                        retry_at=retry_at)
         except StoreError as store_exc:
+            self._store_result(store_exc)
             log.error("could not record the failure; the lease will expire: %s", store_exc)
             return
         if not ok:

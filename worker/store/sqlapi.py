@@ -62,8 +62,8 @@ class SqlFunctionStore(ABC):
         return bool(await self._value(
             "update_job_heartbeat", {"p_job_id": job_id, "p_worker_id": worker_id}))
 
-    @transport_retry
     async def heartbeat_many(self, job_ids: Sequence[str], worker_id: str) -> set[str]:
+        """Not retried here: the next tick is the retry, and /health must see failures now."""
         if not job_ids:
             return set()
         held = await self._column(

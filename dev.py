@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""The two commands a newcomer needs, each doing its own setup on a machine with only Python.
+
+    python3 dev.py demo     # embedded Postgres + the real worker + live progress
+    python3 dev.py test     # the whole test suite (and the SQL suite on PostgreSQL 15 if present)
+
+Both create ./.venv on first use and install the project with the pinned versions
+of requirements.lock; later runs reuse it until pyproject.toml or the lock change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+PG15 = Path("/usr/lib/postgresql/15/bin")
+
+
+def ensure_env() -> Path:
+    if sys.version_info < (3, 11):
+        sys.exit(f"genworker needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    if not PYTHON.exists():
+        print("creating .venv ...", flush=True)
+        venv.create(VENV, with_pip=True)
+    digest = hashlib.sha256(
+        (ROOT / "pyproject.toml").read_bytes() + (ROOT / "requirements.lock").read_bytes()
+    ).hexdigest()
+    stamp = VENV / ".genworker-installed"
+    if not stamp.exists() or stamp.read_text() != digest:
+        print("installing genworker and its pinned dependencies into .venv ...", flush=True)
+        pip = [str(PYTHON), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.check_call([*pip, "--upgrade", "pip"])
+        subprocess.check_call([*pip, "-c", str(ROOT / "requirements.lock"), "-e", f"{ROOT}[dev]"])
+        stamp.write_text(digest)
+    return PYTHON
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("demo", "test"):
+        print(__doc__)
+        return 2
+    python = str(ensure_env())
+    command, rest = argv[0], argv[1:]
+    os.chdir(ROOT)
+    if command == "demo":
+        return subprocess.call([python, "-m", "worker", "demo", *rest])
+    code = subprocess.call([python, "-m", "pytest", *rest])
+    if code == 0 and not rest and not os.environ.get("PG_BIN") and (PG15 / "postgres").exists():
+        print("\nSQL and store suites again on PostgreSQL 15 (Supabase's major version):",
+              flush=True)
+        code = subprocess.call([python, "-m", "pytest", "tests/sql", "tests/store"],
+                               env={**os.environ, "PG_BIN": str(PG15)})
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

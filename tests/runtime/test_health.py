@@ -1,0 +1,96 @@
+"""The health server's documented JSON, over HTTP against a running runner."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from tests.runtime.conftest import running, wait_until
+from tests.support.seed import insert_jobs
+from tests.support.stores import open_store
+from worker.devdb import free_port
+from worker.handlers import noop
+from worker.health import LoopMonitor, health_report, start_health_server
+
+
+@pytest.fixture
+async def served(db_dsn, conn):  # type: ignore[no-untyped-def]
+    await insert_jobs(conn, 2, job_type="noop")
+    await conn.execute("update job_queue set job_payload = '{\"sleep_s\": 30}'")
+    port = free_port()
+    monitor = LoopMonitor()
+    mon = asyncio.create_task(monitor.run())
+    async with open_store("postgres", db_dsn) as store, \
+            running(store, {"noop": noop}, shutdown_grace_s=0.1) as runner:
+        site = await start_health_server(runner, monitor, "127.0.0.1", port)
+        await wait_until(lambda: len(runner.in_flight) == 2)
+        async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}") as http:
+            yield http, runner
+        await site.cleanup()
+    mon.cancel()
+
+
+async def test_health(served) -> None:
+    http, _ = served
+    async with http.get("/health") as resp:
+        body = await resp.json()
+    assert resp.status == 200
+    assert body["status"] == "ok" and body["reasons"] == []
+    assert body["worker_id"] == "test-worker" and body["in_flight"] == 2
+    assert body["concurrency"] == 50 and body["uptime_s"] >= 0
+    assert body["last_claim_at"] is not None and body["store"] == "postgres"
+    assert set(body) >= {"loop_lag_s", "version"}
+
+
+async def test_ready(served) -> None:
+    http, _ = served
+    async with http.get("/ready") as resp:
+        assert resp.status == 200 and (await resp.json())["ready"] is True
+
+
+async def test_status(served) -> None:
+    http, _ = served
+    async with http.get("/status") as resp:
+        body = await resp.json()
+    assert body["queue"]["by_status"] == {"processing": 2}
+    assert len(body["in_flight"]) == 2
+    job = body["in_flight"][0]
+    assert job["job_type"] == "noop" and job["attempt"] == 1 and "progress" in job
+
+
+async def test_metrics(served) -> None:
+    http, _ = served
+    async with http.get("/metrics") as resp:
+        text = await resp.text()
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    assert 'genworker_jobs_claimed_total{job_type="noop"} 2.0' in text
+    assert "genworker_jobs_in_flight 2.0" in text
+    assert "genworker_claim_latency_seconds_bucket" in text
+
+
+async def test_unhealthy_when_a_side_task_dies(served) -> None:
+    http, runner = served
+    runner.fatal = RuntimeError("heartbeat crashed")
+    async with http.get("/health") as resp:
+        body = await resp.json()
+    assert resp.status == 503 and body["status"] == "unhealthy"
+    assert "heartbeat crashed" in body["reasons"][0]
+    runner.fatal = None
+
+
+async def test_side_task_death_stops_the_runner(db_dsn) -> None:
+    async with open_store("postgres", db_dsn) as store:
+        async def broken_heartbeat() -> None:
+            raise RuntimeError("boom")
+
+        from worker.metrics import Metrics
+        from worker.runner import Runner, RunnerConfig
+
+        runner = Runner(store, RunnerConfig(worker_id="w", poll_interval_s=0.05), {}, Metrics())
+        runner.heartbeat.run = broken_heartbeat  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="side task failed"):
+            await asyncio.wait_for(runner.run(), 10)
+        code, body = health_report(runner, LoopMonitor())
+        assert code == 503 and "boom" in body["reasons"][0]
