@@ -213,3 +213,19 @@ def test_env_example_with_secrets_filled_in_is_valid() -> None:
     with pytest.raises(ConfigError):
         load_settings(env)  # no store, no key: the example alone must not start a worker
     assert load_settings({**env, **fake_secrets()}).app_env == "development"
+
+
+def test_dockerfile_builds_from_the_lock_and_runs_the_worker() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir -r requirements.lock" in text
+    assert 'CMD ["genworker", "run"]' in text
+    fly = tomllib.loads((ROOT / "fly.toml").read_text())
+    assert fly["build"]["dockerfile"] == "Dockerfile"
+
+
+def test_readme_documents_every_variable() -> None:
+    from worker.config import VARIABLES
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [v.name for v in VARIABLES if f"`{v.name}`" not in readme]
+    assert missing == []
