@@ -11,13 +11,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 
-from worker.store.base import StoreError, TransientStoreError, error_from_code
+from worker.store.base import (
+    InvalidInputError,
+    StoreError,
+    TransientStoreError,
+    error_from_code,
+)
 from worker.store.sqlapi import SqlFunctionStore
 
 log = logging.getLogger(__name__)
@@ -37,7 +43,25 @@ FAIL_UPDATE = (
 _CONNECTION_ERRORS = (
     OSError, asyncio.TimeoutError, asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InternalClientError,  # a pooled connection killed an instant before use
 )
+
+
+def _json_default(value: Any) -> Any:
+    """Encode what supabase-py encodes (datetimes, UUIDs...) the same way, so both adapters
+    store identical JSON."""
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def _encode_json(value: Any) -> str:
+    return json.dumps(value, default=_json_default, allow_nan=False)
+
+
+def _plain(value: Any) -> Any:
+    """UUIDs as strings, as the REST adapter returns them."""
+    return str(value) if isinstance(value, uuid.UUID) else value
 
 
 def is_transaction_pooler(dsn: str) -> bool:
@@ -78,7 +102,7 @@ class PostgresStore(SqlFunctionStore):
     @staticmethod
     async def _init_connection(conn: asyncpg.Connection) -> None:
         for typ in ("json", "jsonb"):
-            await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads,
+            await conn.set_type_codec(typ, encoder=_encode_json, decoder=json.loads,
                                       schema="pg_catalog")
 
     # -- LISTEN ---------------------------------------------------------------------
@@ -124,22 +148,26 @@ class PostgresStore(SqlFunctionStore):
         try:
             async with self._pool.acquire(timeout=self.command_timeout) as conn:
                 return await getattr(conn, method)(sql, *args)
+        except asyncpg.exceptions.DataError as exc:  # 22xxx, or an argument it cannot encode
+            raise InvalidInputError(str(exc), code=exc.sqlstate) from exc
         except asyncpg.PostgresError as exc:
             raise error_from_code(exc.sqlstate, str(exc)) from exc
         except _CONNECTION_ERRORS as exc:
             raise TransientStoreError(f"{type(exc).__name__}: {exc}") from exc
+        except ValueError as exc:  # NaN/inf in JSON: never sent, as over REST
+            raise InvalidInputError(str(exc)) from exc
 
     async def _value(self, fn: str, params: Mapping[str, Any]) -> Any:
-        return await self._run("fetchval", _call_sql(fn, params, select_star=False),
-                               *params.values())
+        return _plain(await self._run("fetchval", _call_sql(fn, params, select_star=False),
+                                      *params.values()))
 
     async def _rows(self, fn: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         rows = await self._run("fetch", _call_sql(fn, params, select_star=True), *params.values())
-        return [dict(r) for r in rows]
+        return [{k: _plain(v) for k, v in r.items()} for r in rows]
 
     async def _column(self, fn: str, params: Mapping[str, Any]) -> list[Any]:
         rows = await self._run("fetch", _call_sql(fn, params, select_star=True), *params.values())
-        return [r[0] for r in rows]
+        return [_plain(r[0]) for r in rows]
 
     async def _fail_update(self, job_id: str, worker_id: str, values: dict[str, Any]) -> int:
         assert set(values) <= set(_FAIL_COLUMNS)

@@ -10,6 +10,7 @@ body and raw httpx exceptions for transport failures; both become StoreErrors.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -18,7 +19,7 @@ import httpx
 from postgrest.exceptions import APIError
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
-from worker.store.base import TransientStoreError, error_from_code
+from worker.store.base import InvalidInputError, TransientStoreError, error_from_code
 from worker.store.sqlapi import SqlFunctionStore
 
 
@@ -30,6 +31,14 @@ def build_http_client(concurrency: int, *, timeout_s: float = 15.0) -> httpx.Asy
                             max_keepalive_connections=min(concurrency + 4, 20),
                             keepalive_expiry=30.0),
     )
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -60,12 +69,19 @@ class SupabaseStore(SqlFunctionStore):
 
     async def _execute(self, builder: Any) -> Any:
         try:
-            return (await builder.execute()).data
+            data = (await builder.execute()).data
         except APIError as exc:
             code = exc.code or ""
             raise error_from_code(str(code), exc.message or str(exc)) from exc
         except (httpx.TransportError, json.JSONDecodeError) as exc:
             raise TransientStoreError(f"{type(exc).__name__}: {exc}") from exc
+        except ValueError as exc:  # supabase-py refuses NaN/inf before sending
+            raise InvalidInputError(str(exc)) from exc
+        if isinstance(data, str) and not _is_uuid(data):
+            # A 2xx page that is not JSON (a proxy, a wrong SUPABASE_URL). Our functions
+            # return text only as a uuid, so anything else is never a real answer.
+            raise TransientStoreError("non-JSON response from the Data API")
+        return data
 
     async def _value(self, fn: str, params: Mapping[str, Any]) -> Any:
         return await self._execute(self.client.rpc(fn, _jsonable(params)))
@@ -84,9 +100,9 @@ class SupabaseStore(SqlFunctionStore):
         return len(rows or [])
 
     async def _fetch_job(self, job_id: str) -> Mapping[str, Any] | None:
-        # GET: supabase-py retries idempotent reads on 503/520 and disconnects itself.
+        # supabase-py's own GET retry is off: transport_retry already retries this call.
         rows = await self._execute(
-            self.client.table("job_queue").select("*").eq("id", job_id).limit(1))
+            self.client.table("job_queue").select("*").eq("id", job_id).limit(1).retry(False))
         return rows[0] if rows else None
 
     async def close(self) -> None:
