@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -28,12 +28,9 @@ LISTENERS = (
 
 
 @pytest.fixture
-async def pg(db_dsn: str) -> AsyncIterator[PostgresStore]:
-    s = await PostgresStore(db_dsn).open()
-    try:
-        yield s
-    finally:
-        await s.close()
+def pg(postgres_store: PostgresStore) -> PostgresStore:
+    """Short name for conftest's ``postgres_store``."""
+    return postgres_store
 
 
 async def until(predicate: Callable[[], bool], within: float = 3.0) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worker.errors import LeaseLost, RetryableJobError
+from worker.errors import LeaseLost, PermanentJobError, RetryableJobError
 from worker.generation.model import Outline, TextModel, Usage
 from worker.generation.payload import ChapterOptions, parse_payload
 from worker.generation.prompts import SYSTEM, outline_prompt, section_prompt
@@ -82,16 +82,13 @@ class ChapterHandler:
             raise LeaseLost("start_chapter_generation refused: the lease was lost")
         chapter = start["chapter"]
         if chapter["id"] != payload.chapter_id:
-            from worker.errors import PermanentJobError
-
             raise PermanentJobError(
                 f"payload chapter {payload.chapter_id} is not the job's chapter {chapter['id']}",
                 kind="bad_payload", user_message="The generation request named another chapter.")
         state: dict[str, Any] = dict(chapter.get("generation_state") or {})
         usage = _usage_of(state)
 
-        outline = await self._outline(ctx, start, opts, chapter, usage_box := [usage])
-        usage = usage_box[0]
+        outline, usage = await self._outline(ctx, start, opts, chapter, usage)
         total = len(outline.bullets)
         done = int(state.get("sections_done", 0)) if chapter.get("outline") else 0
         writer = ChapterWriter(ctx.store, job_id, worker, offset=int(chapter["content_length"]),
@@ -129,16 +126,17 @@ class ChapterHandler:
         }
 
     async def _outline(self, ctx: JobContext, start: Mapping[str, Any], opts: ChapterOptions,
-                       chapter: Mapping[str, Any], usage_box: list[Usage]) -> Outline:
+                       chapter: Mapping[str, Any], usage: Usage) -> tuple[Outline, Usage]:
+        """The saved outline of an earlier attempt, or a new one (bought once per chapter)."""
         saved = chapter.get("outline") or {}
         if saved.get("bullets"):
-            return Outline(str(saved.get("title", "")), [str(b) for b in saved["bullets"]])
+            return Outline(str(saved.get("title", "")), [str(b) for b in saved["bullets"]]), usage
         ctx.report(1, "outline")
         prompt = outline_prompt(start, opts, self.config.context_max_tokens)
         outline, used = await self._with_retries(
             lambda: self.model.outline(model=opts.model, system=SYSTEM, prompt=prompt),
             what="outline")
-        usage_box[0] = usage_box[0] + used
+        usage = usage + used
         bullets = [b.strip() for b in outline.bullets if b.strip()][: opts.sections]
         if len(bullets) < 2:
             raise RetryableJobError(f"the outline had {len(bullets)} usable bullet(s)",
@@ -150,7 +148,7 @@ class ChapterHandler:
         if not ok:
             raise LeaseLost("save_chapter_outline refused: the lease was lost")
         ctx.report(OUTLINE_PROGRESS, "outline")
-        return outline
+        return outline, usage
 
     async def _with_retries(self, call: Any, *, what: str) -> Any:
         """Retry one model call on retryable errors, honouring a 429's RetryInfo delay."""
