@@ -69,12 +69,15 @@ def offline_text(model: str, system: str, prompt: str, words: int) -> str:
     return "\n\n".join(paragraphs) + "\n\n"
 
 
+_WORDS_HINT = re.compile(r"in about (\d+) words")
+
+
 class OfflineModel:
     """The offline ``TextModel``.
 
-    Section length is ``words_per_section`` if given, else about
-    ``0.75 * max_output_tokens`` words capped at ``max_words_per_section`` so a
-    demo with a large token budget still finishes quickly.
+    Section length is ``words_per_section`` if given, else what the prompt asks for
+    ("in about N words"), else about ``0.75 * max_output_tokens`` words; always capped
+    at ``max_words_per_section`` so a demo with a large budget still finishes quickly.
     """
 
     name = "offline"
@@ -114,8 +117,10 @@ class OfflineModel:
     def stream_section(
         self, *, model: str, system: str, prompt: str, max_output_tokens: int
     ) -> OfflineSectionStream:
+        asked = _WORDS_HINT.search(prompt)
         words = self.words_per_section or min(
-            max(1, int(max_output_tokens * 0.75)), self.max_words_per_section
+            int(asked.group(1)) if asked else max(1, int(max_output_tokens * 0.75)),
+            self.max_words_per_section,
         )
         text = offline_text(model, system, prompt, words)
         rng = _rng("chunks", model, system, prompt)
