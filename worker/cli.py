@@ -30,8 +30,9 @@ def _settings(scope: str = "worker") -> Any:
 
 
 def _logging(settings: Any) -> None:
-    from worker.logs import setup_logging
+    from worker.logs import bind_worker, setup_logging
 
+    bind_worker(settings.worker_id)  # every line, from the first, names the process
     setup_logging(settings.log_level, settings.log_format)
 
 

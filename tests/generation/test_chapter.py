@@ -28,9 +28,11 @@ from tests.support.fake_gemini import (
     truncate_after,
 )
 from tests.support.seed import as_role, chapter_job, install_progress_log
+from tests.support.stores import open_store
 from worker.generation.chapter import ChapterHandler, GenerationConfig
 from worker.generation.gemini import GeminiModel
 from worker.handlers import build_handlers
+from worker.store.base import Store
 from worker.store.postgres import PostgresStore
 
 MODEL = "gemini-test"
@@ -56,7 +58,7 @@ async def store(db_dsn: str) -> AsyncIterator[PostgresStore]:
     await s.close()
 
 
-async def generate(store: PostgresStore, model: GeminiModel, conn: asyncpg.Connection,
+async def generate(store: Store, model: GeminiModel, conn: asyncpg.Connection,
                    job: str, *, config: GenerationConfig = CONFIG,
                    until: str = "status = 'completed'",
                    **runner_opts: Any) -> None:
@@ -111,6 +113,19 @@ async def test_happy_path_text_progress_and_writes(conn, store, model, fake_gemi
     assert result["output_tokens"] > 0 and result["prompt_tokens"] > 0
     # Previous chapter's tail reached the prompt: the context is built from the story.
     assert "The end of chapter 1." in fake_gemini.requests[0].prompt
+
+
+async def test_chapter_through_the_rest_adapter(db_dsn, conn, model, fake_gemini) -> None:
+    """The same pipeline over supabase-py and the PostgREST gateway: identical text."""
+    _, chapter, job = await chapter_job(conn, options=OPTIONS)
+    async with open_store("supabase", db_dsn) as rest:
+        await generate(rest, model, conn, job)
+    row = await chapter_row(conn, chapter)
+    assert row["status"] == "completed"
+    assert row["content"] == "\n\n".join(section_texts(fake_gemini))
+    gateway = rest.gateway  # type: ignore[attr-defined]
+    assert gateway.count("rpc/append_chapter_content") >= 3
+    assert gateway.count("rpc/complete_job") == 1
 
 
 @pytest.mark.parametrize("fault", [

@@ -56,7 +56,8 @@ def worker_process(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
 async def test_sigterm_releases_in_flight_jobs_and_exits_0(db_dsn: str, conn) -> None:
     await insert_jobs(conn, 3, job_type="noop")
     await conn.execute("update job_queue set job_payload = '{\"sleep_s\": 60}'")
-    with worker_process(worker_env(db_dsn)) as proc:
+    secret = "AIzaSyTEST-never-log-this-key-0123456789"
+    with worker_process(worker_env(db_dsn, GEMINI_API_KEY=secret, LOG_LEVEL="DEBUG")) as proc:
         await wait_until(lambda: conn.fetchval(
             "select count(*) = 3 from job_queue where status = 'processing'"))
         proc.send_signal(signal.SIGTERM)
@@ -68,6 +69,8 @@ async def test_sigterm_releases_in_flight_jobs_and_exits_0(db_dsn: str, conn) ->
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert any("released" in rec["msg"] for rec in lines)
     assert all("worker_id" in rec for rec in lines)
+    assert any("settings" in rec for rec in lines)  # the start-up line lists the settings
+    assert secret not in output
 
 
 async def reference_text(pg_server: PgTestServer, env: dict[str, str], options: dict) -> str:
