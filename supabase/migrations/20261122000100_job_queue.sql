@@ -46,9 +46,9 @@ comment on column public.job_queue.lease_timeout_s is
 -- Heartbeats rewrite the row every few seconds: leave room for HOT updates.
 alter table public.job_queue set (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.01);
 
--- The claim: ordered scan over claimable rows only (finished rows are not in it).
+-- The claim: an ordered scan over pending rows only (finished rows are not in it).
 create index if not exists job_queue_claim_idx on public.job_queue
-  (priority desc, scheduled_at, created_at) where status in ('pending', 'processing');
+  (priority desc, scheduled_at, created_at) where status = 'pending';
 -- Rescue sweeps and start-up recovery look at processing rows only.
 create index if not exists job_queue_processing_idx on public.job_queue (worker_id)
   where status = 'processing';

@@ -38,19 +38,31 @@ begin
       limit 100
       for update skip locked);
 
+  -- One statement. A rescue (an expired lease) comes first; otherwise the best ready
+  -- job by priority desc, scheduled_at, created_at. Each branch is its own indexed,
+  -- SKIP LOCKED probe: an OR over both would sort the whole pending set on an
+  -- unanalyzed table.
   return query
-  with next_job as (
-    select c.id from public.job_queue c
-     where c.status in ('pending', 'processing')
-       and ((c.status = 'pending' and c.scheduled_at <= now())
-            or (c.status = 'processing'
-                and c.heartbeat_at < now() - make_interval(secs => c.lease_timeout_s)
-                and c.retry_count < c.max_retries))
+  with stale as (
+    select s.id, 0 as pick from public.job_queue s
+     where s.status = 'processing'
+       and s.heartbeat_at < now() - make_interval(secs => s.lease_timeout_s)
+       and s.retry_count < s.max_retries
+       and (v_types is null or s.job_type = any (v_types))
+       and (v_lanes is null or s.job_lane = any (v_lanes))
+     limit 1
+     for update skip locked),
+  ready as (
+    select c.id, 1 as pick from public.job_queue c
+     where c.status = 'pending' and c.scheduled_at <= now()
        and (v_types is null or c.job_type = any (v_types))
        and (v_lanes is null or c.job_lane = any (v_lanes))
      order by c.priority desc, c.scheduled_at, c.created_at
      limit 1
-     for update skip locked)
+     for update skip locked),
+  next_job as (
+    select candidate.id from (select * from stale union all select * from ready) candidate
+     order by candidate.pick limit 1)
   update public.job_queue j
      set status = 'processing',
          retry_count = j.retry_count + case when j.status = 'processing' then 1 else 0 end,
@@ -212,7 +224,8 @@ end $$;
 
 -- Append text at p_offset (the content length before the append). Re-sending an
 -- append that already landed is a no-op; any other offset is a conflict. Text and
--- progress always travel together, so Realtime subscribers get both.
+-- progress always travel together, so Realtime subscribers get both. A null
+-- p_current_step keeps the current one (the worker sends it only when it changes).
 create or replace function public.append_chapter_content(
   p_job_id uuid, p_worker_id text, p_offset integer, p_text text,
   p_progress integer, p_current_step text, p_checkpoint jsonb default null)
@@ -234,7 +247,7 @@ begin
     update public.chapters
        set content = content || coalesce(p_text, ''),
            progress = greatest(progress, least(p_progress, 100)),
-           current_step = p_current_step, status = 'generating',
+           current_step = coalesce(p_current_step, current_step), status = 'generating',
            generation_state = coalesce(p_checkpoint, generation_state)
      where id = v_id;
   elsif v_add > 0 and v_len = p_offset + v_add

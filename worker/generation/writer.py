@@ -34,6 +34,7 @@ class ChapterWriter:
         self._last_flush = clock()
         self.progress = progress
         self.step = ""
+        self._sent_step: str | None = None
         self.writes = 0
         self.bytes_sent = 0
 
@@ -62,13 +63,15 @@ class ChapterWriter:
         if not self._buffered and checkpoint is None:
             return
         text = "".join(self._buffer)
+        step = self.step if self.step != self._sent_step else None  # only when it changes
         ok = await self.store.append_chapter(
             self.job_id, self.worker_id, offset=self.committed, text=text,
-            progress=self.progress, current_step=self.step, checkpoint=checkpoint)
+            progress=self.progress, current_step=step, checkpoint=checkpoint)
         if not ok:
             raise LeaseLost("chapter append refused: the lease was lost")
+        self._sent_step = self.step
         self.writes += 1
-        self.bytes_sent += len(text.encode()) + len(self.step.encode()) + \
+        self.bytes_sent += len(text.encode()) + len((step or "").encode()) + \
             (len(json.dumps(checkpoint)) if checkpoint is not None else 0)
         self.committed += len(text)
         self._buffer.clear()

@@ -258,7 +258,7 @@ class Store(Protocol):
         offset: int,
         text: str,
         progress: int,
-        current_step: str,
+        current_step: str | None,
         checkpoint: Mapping[str, Any] | None = None,
     ) -> bool:
         """Offset-idempotent append; re-sending the same append is a no-op."""

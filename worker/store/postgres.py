@@ -59,6 +59,11 @@ def _encode_json(value: Any) -> str:
     return json.dumps(value, default=_json_default, allow_nan=False)
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's per-release RESET ALL/UNLISTEN round trip: the store sets no session
+    state and LISTENs on its own connection, so it would only double every call's latency."""
+
+
 def _plain(value: Any) -> Any:
     """UUIDs as strings, as the REST adapter returns them."""
     return str(value) if isinstance(value, uuid.UUID) else value
@@ -94,6 +99,7 @@ class PostgresStore(SqlFunctionStore):
             self.dsn, min_size=1, max_size=self.pool_size, init=self._init_connection,
             command_timeout=self.command_timeout,
             statement_cache_size=0 if self.pooler else 100,
+            reset=_keep_session,
         )
         if self.listen:
             await self._start_listener()

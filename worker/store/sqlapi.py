@@ -132,7 +132,7 @@ class SqlFunctionStore(ABC):
     @transport_retry
     async def append_chapter(
         self, job_id: str, worker_id: str, *, offset: int, text: str, progress: int,
-        current_step: str, checkpoint: Mapping[str, Any] | None = None,
+        current_step: str | None, checkpoint: Mapping[str, Any] | None = None,
     ) -> bool:
         return bool(await self._value(
             "append_chapter_content",

@@ -1,0 +1,409 @@
+"""Queue benchmark: no-op jobs through the real Runner and PostgresStore.
+
+    python bench/queue_throughput.py            # 5,000 jobs + 2 x 200 latency probes
+    python bench/queue_throughput.py --quick    # a smaller run (about 20 s)
+
+What it measures, on a throwaway local PostgreSQL (LocalCluster, same machine):
+
+1. Throughput: ``--jobs`` no-op jobs are inserted in one statement, then a Runner
+   (concurrency 50, heartbeat 10 s) is started; jobs/s = jobs / (time from
+   ``Runner.run()`` to the last ``complete_job``).
+2. Claim-to-start latency into an IDLE worker: the worker is left idle for
+   ``--idle-s``, then ``--latency-jobs`` jobs are inserted one at a time (own
+   transaction each, as an app would) at random ``--gap-ms`` intervals. Latency =
+   wall-clock time the handler starts - the job's ``created_at``. Run twice: with
+   LISTEN/NOTIFY (``listen=True``) and polling only (``listen=False``) with the
+   production poll settings (POLL_INTERVAL_MS=1000, POLL_MAX_INTERVAL_MS=5000).
+3. Peak RSS of this process (ru_maxrss, and psutil samples when installed).
+
+Logging is set up as in production (JSON lines at INFO, ``--log-level``) but
+written to a temporary file; warnings and errors are counted and shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from worker.devdb import LocalCluster
+from worker.handlers import noop
+from worker.logs import setup_logging
+from worker.metrics import Metrics
+from worker.migrate import apply_bootstrap, apply_migrations
+from worker.runner import Handler, JobContext, Runner, RunnerConfig
+from worker.store.postgres import PostgresStore
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = sys.stdout  # figures go here; the worker's log lines go to a temporary file
+
+
+def say(*parts: Any) -> None:
+    print(*parts, file=OUT, flush=True)
+
+
+def _repo_on_path() -> None:
+    """``tests.support`` lives in the repository, not in the installed package."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
+# -- measuring -------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Peak resident set size: ru_maxrss, plus psutil samples every 100 ms if available."""
+
+    def __init__(self) -> None:
+        try:
+            import psutil
+
+            self._proc: Any = psutil.Process()
+        except ImportError:  # psutil is optional
+            self._proc = None
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        if self._proc is not None:
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(0.1)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.sample()
+
+    @staticmethod
+    def maxrss_mb() -> float:
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def pct(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))
+    return s[k]
+
+
+def counter_value(counter: Any) -> float:
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def histogram_mean(hist: Any) -> tuple[float, int]:
+    total = count = 0.0
+    for m in hist.collect():
+        for s in m.samples:
+            if s.name.endswith("_sum"):
+                total += s.value
+            elif s.name.endswith("_count"):
+                count += s.value
+    return (total / count if count else 0.0), int(count)
+
+
+@contextlib.contextmanager
+def logs_to_file(level: str) -> Iterator[Path]:
+    """Production logging (JSON lines) into a temporary file instead of the terminal."""
+    fd, name = tempfile.mkstemp(prefix="genworker-bench-", suffix=".log")
+    path = Path(name)
+    with os.fdopen(fd, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f):
+        setup_logging(level, "json")
+        yield path
+
+
+def log_problems(path: Path) -> tuple[int, list[str]]:
+    count, first = 0, []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            level = json.loads(line).get("level", "")
+        except ValueError:
+            level = "?"
+        if str(level).upper() in ("WARNING", "ERROR", "CRITICAL", "?"):
+            count += 1
+            if len(first) < 5:
+                first.append(line[:300])
+    return count, first
+
+
+# -- the worker ------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running(store: PostgresStore, handlers: dict[str, Handler],
+                  config: RunnerConfig) -> AsyncIterator[Runner]:
+    """As tests/runtime/conftest.py's ``running``, without importing pytest (RSS)."""
+    runner = Runner(store, config, handlers, Metrics())
+    task = asyncio.create_task(runner.run())
+    try:
+        yield runner
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 60)
+
+
+def runner_config(args: argparse.Namespace, worker_id: str) -> RunnerConfig:
+    return RunnerConfig(worker_id=worker_id, concurrency=args.concurrency,
+                        poll_interval_s=args.poll_interval, poll_max_interval_s=args.poll_max,
+                        heartbeat_interval_s=args.heartbeat)
+
+
+async def wait_for(predicate: Any, timeout: float, what: str) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+# -- phases ----------------------------------------------------------------------------
+
+
+async def throughput(args: argparse.Namespace, dsn: str, admin: asyncpg.Connection,
+                     analyze: bool) -> dict[str, Any]:
+    from tests.support.seed import insert_jobs
+
+    t = time.monotonic()
+    ids = await insert_jobs(admin, args.jobs, job_type="noop")
+    insert_s = time.monotonic() - t
+    if analyze:
+        await admin.execute("analyze job_queue")
+    store = await PostgresStore(dsn, pool_size=args.pool_size, listen=True).open()
+    worker_id = f"bench-tput-{'analyzed' if analyze else 'fresh'}"
+    try:
+        cpu0, t0 = cpu_s(), time.monotonic()
+        async with running(store, {"noop": noop}, runner_config(args, worker_id)) as runner:
+            done = runner.metrics.completed.labels("noop")
+            await wait_for(lambda: done._value.get() >= args.jobs, args.timeout, "all jobs")
+            elapsed = time.monotonic() - t0
+            cpu = cpu_s() - cpu0
+            claim_mean, claims = histogram_mean(runner.metrics.claim_seconds)
+            failed = counter_value(runner.metrics.failed) + counter_value(runner.metrics.retried)
+    finally:
+        await store.close()
+    row = await admin.fetchrow(
+        "select count(*) filter (where status = 'completed') as completed,"
+        " extract(epoch from max(completed_at) - min(started_at)) as db_span"
+        " from job_queue where id = any($1::uuid[])", ids)
+    if row["completed"] != args.jobs or failed:
+        raise RuntimeError(f"throughput run: {row['completed']} of {args.jobs} completed, "
+                           f"{failed} failed or retried")
+    return {"jobs": args.jobs, "elapsed_s": elapsed, "jobs_per_s": args.jobs / elapsed,
+            "db_span_s": float(row["db_span"]), "cpu_s": cpu, "insert_s": insert_s,
+            "claim_mean_ms": claim_mean * 1000, "claims": claims, "analyze": analyze}
+
+
+async def calibrate(dsn: str, n: int = 1000) -> float:
+    """CPU microseconds this process spends on one asyncpg round trip ('select 1')."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.fetchval("select 1")
+        cpu0 = cpu_s()
+        for _ in range(n):
+            await conn.fetchval("select 1")
+        return (cpu_s() - cpu0) / n * 1e6
+    finally:
+        await conn.close()
+
+
+async def latency(args: argparse.Namespace, dsn: str, admin: asyncpg.Connection,
+                  listen: bool) -> dict[str, Any]:
+    from tests.support.seed import insert_jobs
+
+    started: dict[str, float] = {}
+
+    async def timed_noop(ctx: JobContext) -> Any:
+        started[ctx.job.id] = time.time()
+        return await noop(ctx)
+
+    mode = "listen" if listen else "poll"
+    store = await PostgresStore(dsn, pool_size=args.pool_size, listen=listen).open()
+    if listen and not store.listening:
+        raise RuntimeError("LISTEN connection did not come up")
+    lo, hi = args.gap_ms
+    ids: list[str] = []
+    committed: dict[str, float] = {}
+    try:
+        async with running(store, {"noop": timed_noop},
+                           runner_config(args, f"bench-{mode}")) as runner:
+            await asyncio.sleep(args.idle_s)  # let the claim loop go idle (backed off)
+            for _ in range(args.latency_jobs):
+                (job_id,) = await insert_jobs(admin, 1, job_type="noop")
+                committed[job_id] = time.time()
+                ids.append(job_id)
+                await asyncio.sleep(random.uniform(lo, hi) / 1000)
+            done = runner.metrics.completed.labels("noop")
+            await wait_for(lambda: done._value.get() >= len(ids), args.timeout, f"{mode} jobs")
+    finally:
+        await store.close()
+    rows = await admin.fetch("select id::text, created_at from job_queue where id = any($1)", ids)
+    created = {r["id"]: r["created_at"].timestamp() for r in rows}
+    lat = [started[i] - created[i] for i in ids]  # in enqueue order
+    from_commit = [started[i] - committed[i] for i in ids]
+    return {"mode": mode, "n": len(lat), "p50_ms": pct(lat, 50) * 1000,
+            "p95_ms": pct(lat, 95) * 1000, "max_ms": max(lat) * 1000,
+            "first_ms": lat[0] * 1000, "mean_ms": statistics.fmean(lat) * 1000,
+            "commit_p50_ms": pct(from_commit, 50) * 1000,
+            "commit_p95_ms": pct(from_commit, 95) * 1000, "notifications": store.notifications}
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smaller run: 1,000 jobs, 50 latency probes, 2 s idle")
+    p.add_argument("--jobs", type=int, default=None, help="throughput jobs (default 5000)")
+    p.add_argument("--latency-jobs", type=int, default=None,
+                   help="jobs enqueued one at a time per latency run (default 200)")
+    p.add_argument("--gap-ms", type=float, nargs=2, default=(20.0, 50.0), metavar=("MIN", "MAX"),
+                   help="random interval between latency jobs (default 20 50)")
+    p.add_argument("--idle-s", type=float, default=None,
+                   help="idle time before the latency probes start (default 10: the poll "
+                        "backoff reaches its 5 s ceiling after about 8 s)")
+    p.add_argument("--concurrency", type=int, default=50)
+    p.add_argument("--pool-size", type=int, default=20,
+                   help="asyncpg pool size (production: min(20, concurrency + 2))")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="POLL_INTERVAL_MS / 1000")
+    p.add_argument("--poll-max", type=float, default=5.0, help="POLL_MAX_INTERVAL_MS / 1000")
+    p.add_argument("--heartbeat", type=float, default=10.0, help="HEARTBEAT_INTERVAL_S")
+    p.add_argument("--log-level", default="INFO", help="worker log level (production: INFO)")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-phase timeout, seconds")
+    p.add_argument("--stats", choices=("fresh", "analyzed", "both"), default="both",
+                   help="throughput with the planner statistics as enqueued (a burst into a "
+                        "table autovacuum has not analyzed yet), after ANALYZE, or both")
+    p.add_argument("--skip-latency", action="store_true", help="throughput only")
+    args = p.parse_args(argv)
+    if args.gap_ms[0] > args.gap_ms[1] or args.gap_ms[0] < 0:
+        p.error("--gap-ms: MIN must be >= 0 and <= MAX")
+    quick = args.quick
+    args.jobs = args.jobs or (1000 if quick else 5000)
+    args.latency_jobs = args.latency_jobs or (50 if quick else 200)
+    args.idle_s = args.idle_s if args.idle_s is not None else (2.0 if quick else 10.0)
+    return args
+
+
+async def run(args: argparse.Namespace) -> int:
+    _repo_on_path()
+    say("Starting a throwaway PostgreSQL (LocalCluster) ...")
+    cluster = LocalCluster().start()
+    rss = RssSampler()
+    try:
+        dsn = cluster.dsn()
+        admin = await asyncpg.connect(dsn)
+        try:
+            await apply_bootstrap(admin)
+            await apply_migrations(admin)
+            server_version = await admin.fetchval("show server_version")
+            calib_us = await calibrate(dsn)
+            rss.start()
+            with logs_to_file(args.log_level) as log_path:
+                tput = []
+                for analyze in {"fresh": (False,), "analyzed": (True,),
+                                "both": (False, True)}[args.stats]:
+                    say(f"Throughput: {args.jobs} no-op jobs, concurrency {args.concurrency}"
+                        f"{', after ANALYZE' if analyze else ', planner stats as enqueued'} ...")
+                    tput.append(await throughput(args, dsn, admin, analyze))
+                lat = []
+                if not args.skip_latency:
+                    for listen in (True, False):
+                        say(f"Latency ({'LISTEN' if listen else 'poll only'}): idle "
+                            f"{args.idle_s:g} s, then {args.latency_jobs} jobs one at a time ...")
+                        lat.append(await latency(args, dsn, admin, listen))
+            await rss.stop()
+            problems, first = log_problems(log_path)
+            log_path.unlink()
+        finally:
+            await admin.close()
+    finally:
+        cluster.destroy()
+    report(args, tput, lat, rss, server_version, calib_us, problems, first)
+    return 0
+
+
+def report(args: argparse.Namespace, tput: list[dict[str, Any]], lat: list[dict[str, Any]],
+           rss: RssSampler, server_version: str, calib_us: float, problems: int,
+           first: list[str]) -> None:
+    lines = [
+        f"$ python bench/queue_throughput.py {' '.join(sys.argv[1:])}".rstrip(),
+        f"machine: {os.cpu_count()} CPU, Python {platform.python_version()}, PostgreSQL "
+        f"{server_version.split()[0]} on the SAME machine (LocalCluster: loopback TCP, "
+        "fsync=off, synchronous_commit=off)",
+        f"calibration: one asyncpg round trip ('select 1') costs {calib_us:.0f} us of this "
+        "process's CPU on this machine",
+        f"worker: real Runner + PostgresStore, concurrency {args.concurrency}, pool "
+        f"{args.pool_size}, heartbeat {args.heartbeat:g} s, logs {args.log_level} JSON "
+        "(to a file)",
+        "",
+    ]
+    for t in tput:
+        stats = "after ANALYZE job_queue" if t["analyze"] else "stats as enqueued (no ANALYZE)"
+        lines += [
+            f"throughput   {t['jobs_per_s']:,.0f} jobs/s  [{stats}] {t['jobs']:,} pre-enqueued "
+            f"no-op jobs, all completed in {t['elapsed_s']:.2f} s",
+            f"             worker CPU {t['cpu_s'] / t['jobs'] * 1e6:,.0f} us/job "
+            f"({t['cpu_s'] / t['elapsed_s']:.2f} cores); claim call mean "
+            f"{t['claim_mean_ms']:.2f} ms x {t['claims']:,} claims (one at a time)",
+        ]
+    for r in lat:
+        label = ("LISTEN/NOTIFY" if r["mode"] == "listen" else
+                 f"poll only ({args.poll_interval:g} s, max {args.poll_max:g} s)")
+        lines.append(
+            f"claim->start {label:<26} p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  "
+            f"max {r['max_ms']:7.1f} ms  first job {r['first_ms']:7.1f} ms")
+        lines.append(f"{'':13}{'(from the insert commit instead:':<26} p50 "
+                     f"{r['commit_p50_ms']:7.1f} ms  p95 {r['commit_p95_ms']:7.1f} ms)")
+    if lat:
+        lines.append(f"             ({lat[0]['n']} jobs per mode, one insert each at random "
+                     f"{args.gap_ms[0]:g}-{args.gap_ms[1]:g} ms gaps into a worker idle for "
+                     f"{args.idle_s:g} s; handler start wall clock - created_at)")
+    psutil_part = f"; psutil sampled peak {rss.peak / 2**20:.1f} MB" if rss.peak else ""
+    lines.append(f"peak RSS     {RssSampler.maxrss_mb():.1f} MB (ru_maxrss, whole process)"
+                 f"{psutil_part}")
+    lines.append(f"worker log lines at WARNING or above: {problems}")
+    lines += [f"  {line}" for line in first]
+    say("")
+    say("---- README block " + "-" * 62)
+    say("```")
+    for line in lines:
+        say(line)
+    say("```")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
