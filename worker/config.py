@@ -193,6 +193,10 @@ VARIABLES: tuple[Variable, ...] = (
     _v("GEMINI_MAX_RATE_LIMIT_WAIT_S", "120.0",
        "Longest in-job wait on a 429 before the job goes back to the queue",
        _GEMINI, _float(0)),
+    _v("GEMINI_THINKING_LEVEL", "low",
+       "Gemini 3 thinking level: minimal, low, medium, high, or default (the model's own; "
+       "use it for Gemini 2.5, which takes no level)",
+       _GEMINI, _choice("default", "minimal", "low", "medium", "high")),
     _v("WORKER_ID", None,
        "Id of this process; leave empty so each process derives a unique one",
        _WORKER, _worker_id, field=None),
@@ -268,6 +272,7 @@ class Settings:
     gemini_request_timeout_s: float
     gemini_section_retries: int
     gemini_max_rate_limit_wait_s: float
+    gemini_thinking_level: str
     worker_id: str
     worker_id_source: WorkerIdSource
     worker_concurrency: int

@@ -55,7 +55,9 @@ def build_model(settings: Settings, *, offline_delay_s: float = 0.03) -> TextMod
         idle_timeout_s=settings.gemini_idle_timeout_s,
         request_timeout_s=settings.gemini_request_timeout_s,
         max_concurrent_streams=settings.gemini_max_concurrent_streams,
-        requests_per_minute=settings.gemini_requests_per_minute or None)
+        requests_per_minute=settings.gemini_requests_per_minute or None,
+        thinking_level=None if settings.gemini_thinking_level == "default"
+        else settings.gemini_thinking_level.upper())
 
 
 def runner_config(settings: Settings) -> RunnerConfig:
