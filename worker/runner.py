@@ -170,8 +170,7 @@ class Runner:
                 continue
             t0 = time.monotonic()
             try:
-                claimed = await self.store.claim(
-                    self.config.worker_id, self.config.job_types, self.config.job_lanes)
+                claimed = await self._claim_once()
             except StoreError as exc:
                 self.consecutive_store_errors += 1
                 self._store_result(exc)
@@ -193,6 +192,27 @@ class Runner:
             self.last_claim_at = time.time()
             self.metrics.claimed.labels(claimed.job_type).inc()
             await self._start(claimed)
+
+    async def _claim_once(self) -> ClaimedJob | None:
+        """One claim that shutdown cannot cut in half.
+
+        Cancelling a claim request mid-flight could leave a job claimed in the database
+        and unknown here (stuck until its lease expires, costing a retry). So the call
+        is shielded; if shutdown arrives meanwhile, a job it returns is released.
+        """
+        call = asyncio.ensure_future(self.store.claim(
+            self.config.worker_id, self.config.job_types, self.config.job_lanes))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            try:
+                async with asyncio.timeout(self.config.shutdown_call_timeout_s):
+                    claimed = await call
+                    if claimed is not None:
+                        await self.store.release(claimed.job_id, self.config.worker_id)
+            except (StoreError, TimeoutError) as exc:
+                log.warning("a claim under way at shutdown could not be undone: %s", exc)
+            raise
 
     async def _start(self, claimed: ClaimedJob) -> None:
         old = self.in_flight.get(claimed.job_id)

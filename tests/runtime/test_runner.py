@@ -206,3 +206,25 @@ def test_retry_delay_is_exponential_jittered_and_capped() -> None:
         cap = min(600, 5 * 2 ** n)
         assert cap / 2 <= d <= cap
     assert retry_delay(0, 5, 600, server_hint_s=53) == 53
+
+
+async def test_a_claim_cut_by_shutdown_is_released(db_dsn: str, conn) -> None:
+    """Stopping while a claim request is in flight must not strand the claimed job."""
+    [jid] = await insert_jobs(conn, 1, job_type="noop")
+    async with open_store("postgres", db_dsn) as store:
+        real_claim = store.claim
+        entered = asyncio.Event()
+
+        async def slow_claim(*args):  # type: ignore[no-untyped-def]
+            claimed = await real_claim(*args)  # committed in the database...
+            if claimed is not None:
+                entered.set()
+                await asyncio.sleep(0.3)  # ...but the answer is still on its way at shutdown
+            return claimed
+
+        store.claim = slow_claim  # type: ignore[method-assign]
+        async with running(store, {"noop": noop}):
+            await asyncio.wait_for(entered.wait(), 5)
+    job = await conn.fetchrow("select status, retry_count, worker_id from job_queue where id = $1",
+                              jid)
+    assert (job["status"], job["retry_count"], job["worker_id"]) == ("pending", 0, None)
