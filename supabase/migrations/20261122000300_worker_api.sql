@@ -38,13 +38,13 @@ begin
       limit 100
       for update skip locked);
 
-  -- One statement. A rescue (an expired lease) comes first; otherwise the best ready
-  -- job by priority desc, scheduled_at, created_at. Each branch is its own indexed,
-  -- SKIP LOCKED probe: an OR over both would sort the whole pending set on an
-  -- unanalyzed table.
+  -- One statement. Two indexed SKIP LOCKED probes - one expired lease (a rescue) and
+  -- the best ready job by priority desc, scheduled_at, created_at - and the higher
+  -- priority of the two wins (the rescue on a tie). An OR over both sets would sort the
+  -- whole pending set on an unanalyzed table.
   return query
   with stale as (
-    select s.id, 0 as pick from public.job_queue s
+    select s.id, s.priority, 0 as pick from public.job_queue s
      where s.status = 'processing'
        and s.heartbeat_at < now() - make_interval(secs => s.lease_timeout_s)
        and s.retry_count < s.max_retries
@@ -53,7 +53,7 @@ begin
      limit 1
      for update skip locked),
   ready as (
-    select c.id, 1 as pick from public.job_queue c
+    select c.id, c.priority, 1 as pick from public.job_queue c
      where c.status = 'pending' and c.scheduled_at <= now()
        and (v_types is null or c.job_type = any (v_types))
        and (v_lanes is null or c.job_lane = any (v_lanes))
@@ -62,7 +62,7 @@ begin
      for update skip locked),
   next_job as (
     select candidate.id from (select * from stale union all select * from ready) candidate
-     order by candidate.pick limit 1)
+     order by candidate.priority desc, candidate.pick limit 1)
   update public.job_queue j
      set status = 'processing',
          retry_count = j.retry_count + case when j.status = 'processing' then 1 else 0 end,

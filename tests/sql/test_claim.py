@@ -252,3 +252,13 @@ async def test_new_pending_job_notifies_listeners(db_dsn: str, conn: asyncpg.Con
         assert await asyncio.wait_for(got.get(), 5) == "wake"
     finally:
         await listener.close()
+
+
+async def test_rescue_and_ready_jobs_compete_by_priority(conn: asyncpg.Connection) -> None:
+    [stale] = await insert_jobs(conn, 1, lease_timeout_s=1, priority=0)
+    await claim(conn, "dead")
+    [urgent] = await insert_jobs(conn, 1, priority=5)
+    [normal] = await insert_jobs(conn, 1, priority=0)
+    await asyncio.sleep(1.2)
+    got = [str((await claim(conn, "w"))["job_id"]) for _ in range(3)]
+    assert got == [urgent, stale, normal]  # on a priority tie the rescue goes first

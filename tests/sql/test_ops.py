@@ -90,7 +90,7 @@ async def _claim_plan(conn: asyncpg.Connection) -> str:
     conn.add_log_listener(lambda _c, msg: notices.append(msg.message))
     if not await _load_auto_explain(conn):
         body = await conn.fetchval("select prosrc from pg_proc where proname = 'claim_next_job_v3'")
-        start = body.index("select c.id, 1 as pick from public.job_queue c")
+        start = body.index("select c.id, c.priority, 1 as pick from public.job_queue c")
         stmt = body[start : body.index("for update skip locked", start)] + "for update skip locked"
         stmt = stmt.replace("v_types", "null::text[]").replace("v_lanes", "null::text[]")
         return "\n".join(r[0] for r in await conn.fetch("explain " + stmt))
