@@ -43,19 +43,18 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+import measure
+from measure import RssSampler, counter_value, cpu_s, log_problems, logs_to_file, pct, running, say
+
 SCRIPT = str(Path(__file__).resolve())
-OUT = sys.stdout  # figures go here; the worker's log lines go to a temporary file
 MODEL = "gemini-3.5-flash"  # GEMINI_MODEL's default; the fake accepts any name
 TAG = re.compile(r"Story title: Bench story (\d+)")
 WRITE_LOG = """
@@ -70,28 +69,6 @@ create trigger bench_log_row_write after update on chapters
 create trigger bench_log_row_write after update on job_queue
   for each row execute function bench_log_row_write();
 """
-
-
-def say(*parts: Any) -> None:
-    print(*parts, file=OUT, flush=True)
-
-
-def _repo_on_path() -> None:
-    """``tests.support`` lives in the repository, not in the installed package."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-
-
-def cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def pct(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))
-    return s[k]
 
 
 def verdict(ok: bool) -> str:
@@ -186,7 +163,7 @@ class CountingProxy:
 
 async def serve_fake(cfg: dict[str, Any]) -> None:
     """Child process: serve the fake and the proxy; answer commands on stdin, one per line."""
-    _repo_on_path()
+    measure.repo_on_path()
     from tests.support.fake_gemini import FakeGemini
 
     ended: dict[int, float] = {}
@@ -306,44 +283,6 @@ class FakeProcess:
 # == measuring helpers =====================================================================
 
 
-class RssSampler:
-    """Peak resident set size: ru_maxrss, plus psutil samples every 100 ms if available."""
-
-    def __init__(self) -> None:
-        try:
-            import psutil
-
-            self._proc: Any = psutil.Process()
-        except ImportError:  # psutil is optional
-            self._proc = None
-        self.peak = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def sample(self) -> None:
-        if self._proc is not None:
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    async def _run(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(0.1)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self.sample()
-
-    @staticmethod
-    def maxrss_mb() -> float:
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return kb / 1024 if sys.platform != "darwin" else kb / 2**20
-
-
 def postgres_cpu_s(datadir: Path) -> float | None:
     """User+sys CPU of the postmaster and its current children (psutil), or None."""
     try:
@@ -359,51 +298,6 @@ def postgres_cpu_s(datadir: Path) -> float | None:
         return total
     except Exception:  # optional figure: psutil missing or no permission
         return None
-
-
-def counter_value(counter: Any) -> float:
-    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
-
-
-@contextlib.contextmanager
-def logs_to_file(level: str) -> Iterator[Path]:
-    """Production logging (JSON lines) into a temporary file instead of the terminal."""
-    from worker.logs import setup_logging
-
-    fd, name = tempfile.mkstemp(prefix="genworker-bench-", suffix=".log")
-    path = Path(name)
-    with os.fdopen(fd, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f):
-        setup_logging(level, "json")
-        yield path
-
-
-def log_problems(path: Path) -> tuple[int, list[str]]:
-    count, first = 0, []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            level = json.loads(line).get("level", "")
-        except ValueError:
-            level = "?"
-        if str(level).upper() in ("WARNING", "ERROR", "CRITICAL", "?"):
-            count += 1
-            if len(first) < 5:
-                first.append(line[:300])
-    return count, first
-
-
-@contextlib.asynccontextmanager
-async def running(store: Any, handlers: dict[str, Any], config: Any) -> AsyncIterator[Any]:
-    """As tests/runtime/conftest.py's ``running``, without importing pytest (RSS)."""
-    from worker.metrics import Metrics
-    from worker.runner import Runner
-
-    runner = Runner(store, config, handlers, Metrics())
-    task = asyncio.create_task(runner.run())
-    try:
-        yield runner
-    finally:
-        runner.stop()
-        await asyncio.wait_for(task, 60)
 
 
 # == the benchmark =========================================================================
@@ -424,7 +318,7 @@ async def enqueue(admin: Any, n: int, options: dict[str, Any]) -> dict[str, int]
 
 
 async def run(args: argparse.Namespace) -> int:
-    _repo_on_path()
+    measure.repo_on_path()
     import asyncpg
 
     from worker.devdb import LocalCluster

@@ -24,99 +24,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import os
 import platform
 import random
-import resource
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import measure
+from measure import RssSampler, counter_value, cpu_s, log_problems, logs_to_file, pct, running, say
 
 from worker.devdb import LocalCluster
 from worker.handlers import noop
-from worker.logs import setup_logging
-from worker.metrics import Metrics
 from worker.migrate import apply_bootstrap, apply_migrations
-from worker.runner import Handler, JobContext, Runner, RunnerConfig
+from worker.runner import JobContext, RunnerConfig
 from worker.store.postgres import PostgresStore
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = sys.stdout  # figures go here; the worker's log lines go to a temporary file
-
-
-def say(*parts: Any) -> None:
-    print(*parts, file=OUT, flush=True)
-
-
-def _repo_on_path() -> None:
-    """``tests.support`` lives in the repository, not in the installed package."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-
-
 # -- measuring -------------------------------------------------------------------------
-
-
-class RssSampler:
-    """Peak resident set size: ru_maxrss, plus psutil samples every 100 ms if available."""
-
-    def __init__(self) -> None:
-        try:
-            import psutil
-
-            self._proc: Any = psutil.Process()
-        except ImportError:  # psutil is optional
-            self._proc = None
-        self.peak = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def sample(self) -> None:
-        if self._proc is not None:
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    async def _run(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(0.1)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self.sample()
-
-    @staticmethod
-    def maxrss_mb() -> float:
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return kb / 1024 if sys.platform != "darwin" else kb / 2**20
-
-
-def cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def pct(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))
-    return s[k]
-
-
-def counter_value(counter: Any) -> float:
-    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
 
 
 def histogram_mean(hist: Any) -> tuple[float, int]:
@@ -130,44 +57,7 @@ def histogram_mean(hist: Any) -> tuple[float, int]:
     return (total / count if count else 0.0), int(count)
 
 
-@contextlib.contextmanager
-def logs_to_file(level: str) -> Iterator[Path]:
-    """Production logging (JSON lines) into a temporary file instead of the terminal."""
-    fd, name = tempfile.mkstemp(prefix="genworker-bench-", suffix=".log")
-    path = Path(name)
-    with os.fdopen(fd, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f):
-        setup_logging(level, "json")
-        yield path
-
-
-def log_problems(path: Path) -> tuple[int, list[str]]:
-    count, first = 0, []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            level = json.loads(line).get("level", "")
-        except ValueError:
-            level = "?"
-        if str(level).upper() in ("WARNING", "ERROR", "CRITICAL", "?"):
-            count += 1
-            if len(first) < 5:
-                first.append(line[:300])
-    return count, first
-
-
 # -- the worker ------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def running(store: PostgresStore, handlers: dict[str, Handler],
-                  config: RunnerConfig) -> AsyncIterator[Runner]:
-    """As tests/runtime/conftest.py's ``running``, without importing pytest (RSS)."""
-    runner = Runner(store, config, handlers, Metrics())
-    task = asyncio.create_task(runner.run())
-    try:
-        yield runner
-    finally:
-        runner.stop()
-        await asyncio.wait_for(task, 60)
 
 
 def runner_config(args: argparse.Namespace, worker_id: str) -> RunnerConfig:
@@ -314,7 +204,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    _repo_on_path()
+    measure.repo_on_path()
     say("Starting a throwaway PostgreSQL (LocalCluster) ...")
     cluster = LocalCluster().start()
     rss = RssSampler()
