@@ -106,3 +106,19 @@ async def _claim_plan(conn: asyncpg.Connection) -> str:
         await conn.execute("select 1")  # let the notices arrive
     plans = [n for n in notices if "next_job" in n or "job_queue_claim_idx" in n]
     return "\n".join(plans or notices)
+
+
+async def test_realtime_publication_has_chapters_and_jobs(conn: asyncpg.Connection) -> None:
+    tables = {r["tablename"] for r in await conn.fetch(
+        "select tablename from pg_publication_tables where pubname = 'supabase_realtime'")}
+    assert tables == {"chapters", "job_queue"}
+    # Default replica identity: no REPLICA IDENTITY FULL on chapters (README "Database").
+    assert await conn.fetchval(
+        "select relreplident from pg_class where oid = 'public.chapters'::regclass") == "d"
+
+
+async def test_every_migration_ends_by_reloading_postgrest() -> None:
+    from worker.migrate import migrations
+
+    for mig in migrations():
+        assert mig.sql().rstrip().endswith("notify pgrst, 'reload schema';"), mig.path.name
