@@ -114,7 +114,7 @@ async def test_realtime_publication_has_chapters_and_jobs(conn: asyncpg.Connecti
     assert tables == {"chapters", "job_queue"}
     # Default replica identity: no REPLICA IDENTITY FULL on chapters (README "Database").
     assert await conn.fetchval(
-        "select relreplident from pg_class where oid = 'public.chapters'::regclass") == "d"
+        "select relreplident::text from pg_class where oid = 'public.chapters'::regclass") == "d"
 
 
 async def test_every_migration_ends_by_reloading_postgrest() -> None:
