@@ -143,20 +143,30 @@ returns integer language sql volatile set search_path = public, pg_temp as $$
 $$;
 
 -- ---------------------------------------------------------------------------
--- Chapter writes. Each locks the job row first (fencing against a concurrent
--- rescue), doubles as a heartbeat, and finds the chapter by generation_job_id.
+-- Chapter writes. Each locks the job row first (FOR SHARE: a concurrent rescue waits,
+-- and a rescue that committed first makes the fence fail) and finds the chapter by
+-- generation_job_id. The job row itself is rewritten only at milestones (a new step:
+-- start, outline, each section, finish), not on every append: every job_queue UPDATE
+-- is WAL and a Realtime event, and the heartbeat task already keeps the lease.
 
 create or replace function public.genworker_fence(p_job_id uuid, p_worker_id text, p_progress integer, p_step text)
-returns boolean language sql volatile set search_path = public, pg_temp as $$
-  with fenced as (
+returns boolean language plpgsql volatile set search_path = public, pg_temp as $$
+begin
+  perform 1 from public.job_queue
+   where id = p_job_id and worker_id = p_worker_id and status = 'processing'
+   for share;
+  if not found then
+    return false;
+  end if;
+  if p_step is not null then
     update public.job_queue
        set heartbeat_at = now(),
            progress = greatest(progress, least(coalesce(p_progress, progress), 100)),
-           current_step = coalesce(p_step, current_step)
-     where id = p_job_id and worker_id = p_worker_id and status = 'processing'
-    returning 1)
-  select exists (select 1 from fenced)
-$$;
+           current_step = p_step
+     where id = p_job_id;
+  end if;
+  return true;
+end $$;
 
 -- Returns the generation context, after cutting any partial section back to the
 -- checkpoint; null when the lease is lost. Re-checks that the job's user owns the
