@@ -504,7 +504,7 @@ def report(args: argparse.Namespace, *, server_version: str, wall: float, cpu: f
         f"{statistics.fmean(appends):.1f} appends incl. {args.sections} section checkpoints"
         " + finish 1",
         f"                    job_queue row UPDATEs: {statistics.fmean(job_writes):.1f} per "
-        "chapter (claim, the fence in every chapter write, heartbeats, complete)",
+        "chapter (claim, milestone steps in chapter writes, heartbeats, complete)",
         f"bytes / text        payload {payload_ratio:.3f}  target <= 1.3  "
         f"{verdict(payload_ratio <= 1.3)}  (job_result bytes_written = text + step + "
         "checkpoint of each append, + outline JSON + title)",
