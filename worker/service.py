@@ -131,6 +131,7 @@ class Worker:
         bind_worker(s.worker_id)
         self.store = await open_store(s)
         self.model = self._model or build_model(s)
+        self.model.open()
         handlers = build_handlers(ChapterHandler(self.model, generation_config(s)))
         self.runner = Runner(self.store, runner_config(s), handlers, self.metrics)
         self._tasks.append(asyncio.create_task(self.monitor.run(), name="loop-monitor"))

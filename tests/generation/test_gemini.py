@@ -612,3 +612,15 @@ def test_fake_split_text_is_lossless() -> None:
     assert "".join(split_text(text, chunks=6)) == text
     assert len(split_text(text, chunks=6)) == 6
     assert "".join(split_text(text, chunk_chars=9)) == text
+
+
+async def test_open_builds_the_client_before_the_first_call(fake_gemini: FakeGemini) -> None:
+    model = make_model(fake_gemini)
+    try:
+        model.open()
+        client = model._client
+        assert client is not None
+        await model.outline(model=MODEL, system="s", prompt="Sections: 3")
+        assert model._client is client  # the first call reused it
+    finally:
+        await model.aclose()

@@ -80,4 +80,7 @@ class TextModel(Protocol):
         self, *, model: str, system: str, prompt: str, max_output_tokens: int
     ) -> SectionStream: ...
 
+    def open(self) -> None:
+        """Build clients now, inside the running loop, rather than on the first job."""
+
     async def aclose(self) -> None: ...

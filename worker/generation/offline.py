@@ -132,6 +132,9 @@ class OfflineModel:
             start += size
         return OfflineSectionStream(chunks, _tokens(system + prompt), self.chunk_delay_s)
 
+    def open(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         return None
 
