@@ -64,6 +64,7 @@ def _demo_env(dsn: str, port: int, short: bool) -> dict[str, str]:
     env.pop("SUPABASE_SERVICE_ROLE_KEY", None)
     if not env.get("GEMINI_API_KEY"):
         env["GENERATION_PROVIDER"] = "offline"
+    env.setdefault("SHUTDOWN_GRACE_S", "2")  # Ctrl-C: hand the chapters back quickly
     if short:
         env.setdefault("FLUSH_INTERVAL_MS", "200")
     return env
