@@ -325,7 +325,7 @@ async def run(args: argparse.Namespace) -> int:
     from worker.generation.chapter import ChapterHandler, GenerationConfig
     from worker.generation.gemini import GeminiModel
     from worker.handlers import build_handlers
-    from worker.migrate import apply_bootstrap, apply_migrations
+    from worker.migrate import setup_local_database
     from worker.runner import RunnerConfig
     from worker.store.postgres import PostgresStore
 
@@ -337,8 +337,7 @@ async def run(args: argparse.Namespace) -> int:
         dsn = cluster.dsn()
         admin = await asyncpg.connect(dsn)
         try:
-            await apply_bootstrap(admin)
-            await apply_migrations(admin)
+            await setup_local_database(admin)
             server_version = await admin.fetchval("show server_version")
             say(f"Starting the fake Gemini server (subprocess): {args.chunks_per_second:g} "
                 f"chunks/s x {args.chunk_chars} chars, {args.words_per_section} words/section")

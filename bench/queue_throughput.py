@@ -39,7 +39,7 @@ from measure import RssSampler, counter_value, cpu_s, log_problems, logs_to_file
 
 from worker.devdb import LocalCluster
 from worker.handlers import noop
-from worker.migrate import apply_bootstrap, apply_migrations
+from worker.migrate import setup_local_database
 from worker.runner import JobContext, RunnerConfig
 from worker.store.postgres import PostgresStore
 
@@ -212,8 +212,7 @@ async def run(args: argparse.Namespace) -> int:
         dsn = cluster.dsn()
         admin = await asyncpg.connect(dsn)
         try:
-            await apply_bootstrap(admin)
-            await apply_migrations(admin)
+            await setup_local_database(admin)
             server_version = await admin.fetchval("show server_version")
             calib_us = await calibrate(dsn)
             rss.start()

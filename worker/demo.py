@@ -73,13 +73,11 @@ def _demo_env(dsn: str, port: int, short: bool) -> dict[str, str]:
 async def _prepare_database(dsn: str) -> None:
     import asyncpg
 
-    from worker.migrate import apply_bootstrap, apply_migrations, seed_sql
+    from worker.migrate import setup_local_database
 
     conn = await asyncpg.connect(dsn)
     try:
-        await apply_bootstrap(conn)
-        await apply_migrations(conn)
-        await conn.execute(seed_sql())
+        await setup_local_database(conn, seed=True)
     finally:
         await conn.close()
 

@@ -85,3 +85,12 @@ async def apply_migrations(conn: asyncpg.Connection, directory: Path | None = No
 def seed_sql() -> str:
     """Demo data (supabase/seed.sql): a user, a story and three chapters."""
     return (sql_dir() / "seed.sql").read_text(encoding="utf-8")
+
+
+async def setup_local_database(conn: asyncpg.Connection, *, seed: bool = False) -> None:
+    """A plain PostgreSQL made to look like a migrated Supabase project (tests, demo,
+    benchmarks): the platform bootstrap, every migration, and optionally the demo data."""
+    await apply_bootstrap(conn)
+    await apply_migrations(conn)
+    if seed:
+        await conn.execute(seed_sql())

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from worker.devdb import LocalCluster
-from worker.migrate import apply_bootstrap, apply_migrations
+from worker.migrate import setup_local_database
 
 TEMPLATE = "genworker_template"
 
@@ -43,8 +43,7 @@ class PgTestServer:
             await conn.close()
         tpl = await asyncpg.connect(with_database(self.admin_dsn, TEMPLATE))
         try:
-            await apply_bootstrap(tpl)
-            await apply_migrations(tpl)
+            await setup_local_database(tpl)
         finally:
             await tpl.close()
 
