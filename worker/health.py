@@ -8,6 +8,9 @@ process should be restarted: a side task died or the event loop is stuck.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import threading
 import time
 from typing import Any
 
@@ -19,6 +22,9 @@ from worker.runner import Runner
 from worker.store.base import StoreError
 
 LOOP_LAG_LIMIT_S = 5.0
+WATCHDOG_LIMIT_S = 120.0
+
+log = logging.getLogger(__name__)
 
 
 class LoopMonitor:
@@ -40,6 +46,28 @@ class LoopMonitor:
     def stuck(self) -> bool:
         return self.lag_s > LOOP_LAG_LIMIT_S or \
             time.monotonic() - self.last_tick > LOOP_LAG_LIMIT_S + self.every_s
+
+    def start_watchdog(self, limit_s: float, *, exit_code: int = 70) -> threading.Thread:
+        """Exit the process when the event loop has not ticked for ``limit_s``.
+
+        A blocked loop cannot answer /health or act on anything, and Fly's checks never
+        restart a machine: only the process exiting lets the platform's restart policy
+        bring a fresh one (whose jobs' leases meanwhile expire and are rescued).
+        """
+
+        def watch() -> None:
+            while True:
+                time.sleep(min(1.0, limit_s / 4))
+                stalled = time.monotonic() - self.last_tick
+                if stalled > limit_s:
+                    log.critical("event loop stalled for %.0fs: exiting so the platform "
+                                 "restarts the worker", stalled)
+                    logging.shutdown()
+                    os._exit(exit_code)
+
+        thread = threading.Thread(target=watch, name="loop-watchdog", daemon=True)
+        thread.start()
+        return thread
 
 
 def health_report(runner: Runner, monitor: LoopMonitor) -> tuple[int, dict[str, Any]]:

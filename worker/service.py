@@ -19,7 +19,7 @@ from worker.config import Settings
 from worker.generation.chapter import ChapterHandler, GenerationConfig
 from worker.generation.model import TextModel
 from worker.handlers import build_handlers
-from worker.health import LoopMonitor, start_health_server
+from worker.health import WATCHDOG_LIMIT_S, LoopMonitor, start_health_server
 from worker.logs import bind_worker
 from worker.metrics import Metrics
 from worker.runner import Runner, RunnerConfig
@@ -135,6 +135,7 @@ class Worker:
         handlers = build_handlers(ChapterHandler(self.model, generation_config(s)))
         self.runner = Runner(self.store, runner_config(s), handlers, self.metrics)
         self._tasks.append(asyncio.create_task(self.monitor.run(), name="loop-monitor"))
+        self.monitor.start_watchdog(WATCHDOG_LIMIT_S)
         try:
             self._health = await start_health_server(self.runner, self.monitor, s.health_host,
                                                      s.health_port)

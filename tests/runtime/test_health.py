@@ -94,3 +94,24 @@ async def test_side_task_death_stops_the_runner(db_dsn) -> None:
             await asyncio.wait_for(runner.run(), 10)
         code, body = health_report(runner, LoopMonitor())
         assert code == 503 and "boom" in body["reasons"][0]
+
+
+def test_watchdog_exits_when_the_loop_is_blocked() -> None:
+    """A process whose event loop is stuck exits by itself (code 70) so it gets restarted."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, time\n"
+        "from worker.health import LoopMonitor\n"
+        "async def main():\n"
+        "    m = LoopMonitor(every_s=0.1)\n"
+        "    t = asyncio.create_task(m.run())\n"
+        "    await asyncio.sleep(0.3)\n"
+        "    m.start_watchdog(1.0)\n"
+        "    time.sleep(30)  # a blocking call freezes the loop\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=20)
+    assert proc.returncode == 70, proc.stderr
