@@ -92,7 +92,7 @@ async def throughput(args: argparse.Namespace, dsn: str, admin: asyncpg.Connecti
         cpu0, t0 = cpu_s(), time.monotonic()
         async with running(store, {"noop": noop}, runner_config(args, worker_id)) as runner:
             done = runner.metrics.completed.labels("noop")
-            await wait_for(lambda: done._value.get() >= args.jobs, args.timeout, "all jobs")
+            await wait_for(lambda: counter_value(done) >= args.jobs, args.timeout, "all jobs")
             elapsed = time.monotonic() - t0
             cpu = cpu_s() - cpu0
             claim_mean, claims = histogram_mean(runner.metrics.claim_seconds)
@@ -151,7 +151,7 @@ async def latency(args: argparse.Namespace, dsn: str, admin: asyncpg.Connection,
                 ids.append(job_id)
                 await asyncio.sleep(random.uniform(lo, hi) / 1000)
             done = runner.metrics.completed.labels("noop")
-            await wait_for(lambda: done._value.get() >= len(ids), args.timeout, f"{mode} jobs")
+            await wait_for(lambda: counter_value(done) >= len(ids), args.timeout, f"{mode} jobs")
     finally:
         await store.close()
     rows = await admin.fetch("select id::text, created_at from job_queue where id = any($1)", ids)

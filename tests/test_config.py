@@ -18,6 +18,7 @@ from worker.config import (
     derive_worker_id,
     load_settings,
 )
+from worker.store.postgres import is_transaction_pooler
 
 GEMINI_KEY = "AIzaTestGeminiKey-0123456789abcdefghijklmn"
 SERVICE_KEY = "sb_secret_TestServiceRoleKey0123456789"
@@ -234,7 +235,6 @@ def test_store_selection() -> None:
                 SERVICE_KEY, "GEMINI_API_KEY": GEMINI_KEY}
     s = load_settings(supabase)
     assert s.store_kind == "supabase" and s.supabase_url == "https://abcdef.supabase.co"
-    assert not s.database_is_transaction_pooler
     assert load().store_kind == "postgres"
     both = load_settings({**supabase, "DATABASE_URL": DSN})
     assert both.store_kind == "postgres"
@@ -252,8 +252,8 @@ def test_half_configured_or_missing_store_is_an_error() -> None:
 def test_database_url_forms() -> None:
     assert load(DATABASE_URL="postgres://u:p@h:5432/db").store_kind == "postgres"
     pooler = load(DATABASE_URL=DSN.replace(":5432/", ":6543/"))
-    assert pooler.database_is_transaction_pooler
-    assert not load().database_is_transaction_pooler
+    assert is_transaction_pooler(pooler.database_url or "")  # PostgresStore then polls only
+    assert not is_transaction_pooler(load().database_url or "")
     assert problems({**MINIMAL, "DATABASE_URL": "mysql://u:p@h/db"})[0].startswith(
         "DATABASE_URL: must be a postgres:// or postgresql:// URL")
     assert problems({**MINIMAL, "DATABASE_URL": "postgresql://h:port/db"})[0].startswith(

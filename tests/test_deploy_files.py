@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from worker.config import VARIABLES, ConfigError, load_settings
+from worker.store.postgres import is_transaction_pooler
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN = {variable.name for variable in VARIABLES}
@@ -126,7 +127,8 @@ def test_render_values_pass_validation(render_env: dict[str, dict[str, Any]]) ->
     env = {name: str(item["value"]) for name, item in render_env.items() if "value" in item}
     settings = load_settings({**env, **fake_secrets()})
     assert settings.is_production and settings.generation_provider == "gemini"
-    assert settings.store_kind == "postgres" and not settings.database_is_transaction_pooler
+    assert settings.store_kind == "postgres"
+    assert not is_transaction_pooler(settings.database_url or "")
 
 
 # -------------------------------------------------------------------------------- fly

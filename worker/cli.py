@@ -109,7 +109,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
               "postgresql://user:password@host:5432/postgres (a direct or session-pooler "
               "connection)", file=sys.stderr)
         return 2
-    from worker.migrate import apply_bootstrap, apply_migrations, migrations
+    from worker.migrate import apply_bootstrap, apply_migrations, pending_migrations
 
     async def go() -> list[str]:
         import asyncpg
@@ -119,11 +119,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             if args.bootstrap:
                 await apply_bootstrap(conn)
             if args.dry_run:
-                done = {r["version"] for r in await conn.fetch(
-                    "select version from supabase_migrations.schema_migrations")} \
-                    if await conn.fetchval(
-                        "select to_regclass('supabase_migrations.schema_migrations')") else set()
-                return [m.version for m in migrations() if m.version not in done]
+                return [m.version for m in await pending_migrations(conn)]
             return await apply_migrations(conn)
         finally:
             await conn.close()

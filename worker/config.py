@@ -301,16 +301,6 @@ class Settings:
         return "postgres" if self.database_url else "supabase"
 
     @property
-    def database_is_transaction_pooler(self) -> bool:
-        """Supavisor transaction mode (6543): no LISTEN/NOTIFY, no prepared statements."""
-        if not self.database_url:
-            return False
-        try:
-            return urlsplit(self.database_url).port == 6543
-        except ValueError:
-            return False
-
-    @property
     def is_production(self) -> bool:
         return self.app_env.lower() == "production"
 

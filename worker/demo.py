@@ -163,7 +163,7 @@ async def run_demo(*, short: bool = False, chapters: int = 3, port: int | None =
 def _summary(rows: list[dict[str, Any]], started: float, runner: Any,
              interrupted: bool) -> int:
     m = runner.metrics
-    writes = int(m.chapter_writes._value.get())
+    writes = int(m.registry.get_sample_value("genworker_chapter_writes_total") or 0)
     done = [r for r in rows if r["status"] == "completed"]
     words = sum(int(r["word_count"]) for r in rows)
     print()

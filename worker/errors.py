@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from worker.store.base import StoreError
+
 
 class JobError(Exception):
     """A failure the runner knows how to record.
@@ -80,9 +82,6 @@ def classify(exc: BaseException) -> Classified:
         return Classified(
             exc.kind, exc.message, exc.user_message, exc.retryable, exc.retry_after, exc.detail
         )
-    # Imported lazily: store.base imports this module.
-    from worker.store.base import StoreError
-
     if isinstance(exc, StoreError):
         return Classified(
             "store_" + exc.kind,

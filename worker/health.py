@@ -8,6 +8,7 @@ process should be restarted: a side task died or the event loop is stuck.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -147,8 +148,6 @@ def build_app(runner: Runner, monitor: LoopMonitor) -> web.Application:
 
 
 def _dumps(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, default=str)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Iterable
 
 from worker.metrics import Metrics
@@ -30,7 +29,6 @@ class Heartbeat:
         self._on_lost = on_lost
         self._on_result = on_result
         self.metrics = metrics
-        self.last_ok: float | None = None
         self.consecutive_failures = 0
 
     async def run(self) -> None:
@@ -41,7 +39,6 @@ class Heartbeat:
     async def beat(self) -> None:
         ids = list(self._job_ids())
         if not ids:
-            self.last_ok = time.monotonic()
             return
         try:
             held = await self.store.heartbeat_many(ids, self.worker_id)
@@ -54,7 +51,6 @@ class Heartbeat:
             log.warning("heartbeat failed (%d in a row): %s", self.consecutive_failures, exc)
             return
         self.consecutive_failures = 0
-        self.last_ok = time.monotonic()
         self._on_result(None)
         for job_id in ids:
             if job_id not in held:

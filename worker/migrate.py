@@ -54,6 +54,16 @@ async def apply_bootstrap(conn: asyncpg.Connection) -> None:
     await conn.execute(bootstrap_sql())
 
 
+async def pending_migrations(conn: asyncpg.Connection,
+                             directory: Path | None = None) -> list[Migration]:
+    """Migrations not yet recorded in supabase_migrations.schema_migrations."""
+    done: set[str] = set()
+    if await conn.fetchval("select to_regclass('supabase_migrations.schema_migrations')"):
+        done = {r["version"] for r in await conn.fetch(
+            "select version from supabase_migrations.schema_migrations")}
+    return [m for m in migrations(directory) if m.version not in done]
+
+
 async def apply_migrations(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
     """Apply pending migrations, each in its own transaction; return the versions applied."""
     await conn.execute(
@@ -61,14 +71,8 @@ async def apply_migrations(conn: asyncpg.Connection, directory: Path | None = No
         "create table if not exists supabase_migrations.schema_migrations"
         " (version text primary key, statements text[], name text)"
     )
-    done = {
-        r["version"]
-        for r in await conn.fetch("select version from supabase_migrations.schema_migrations")
-    }
     applied = []
-    for mig in migrations(directory):
-        if mig.version in done:
-            continue
+    for mig in await pending_migrations(conn, directory):
         async with conn.transaction():
             await conn.execute(mig.sql())
             await conn.execute(

@@ -89,7 +89,6 @@ class Runner:
         self.in_flight: dict[str, InFlight] = {}
         self.started_at = time.time()
         self.last_claim_at: float | None = None  # wall time of the last job claimed
-        self.last_claim_ok: float | None = None  # monotonic time of the last successful call
         self.consecutive_store_errors = 0
         self.store_down_since: float | None = None  # monotonic time of the first failure
         self.last_store_error: str | None = None
@@ -180,7 +179,6 @@ class Runner:
                 await asyncio.sleep(idle * random.uniform(0.5, 1.0))
                 continue
             self.metrics.claim_seconds.observe(time.monotonic() - t0)
-            self.last_claim_ok = time.monotonic()
             self.consecutive_store_errors = 0
             self._store_result(None)
             if claimed is None:

@@ -30,9 +30,10 @@ log = logging.getLogger("worker")
 
 async def open_store(settings: Settings) -> SqlFunctionStore:
     """PostgresStore when DATABASE_URL is set, else SupabaseStore (REST, poll-only)."""
-    if settings.database_url:
+    if settings.store_kind == "postgres":
         from worker.store.postgres import PostgresStore
 
+        assert settings.database_url
         return await PostgresStore(
             settings.database_url, pool_size=min(20, settings.worker_concurrency + 2)).open()
     from worker.store.supabase import SupabaseStore

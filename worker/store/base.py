@@ -8,10 +8,13 @@ timestamps as aware datetimes, whatever the wire gave us.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
+
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 
 class StoreError(Exception):
@@ -182,8 +185,6 @@ def _json_obj(value: Any) -> dict[str, Any]:
     if value is None:
         return {}
     if isinstance(value, str):
-        import json
-
         value = json.loads(value)
     if not isinstance(value, dict):
         return {"value": value}
@@ -279,13 +280,6 @@ def transport_retry(fn):  # type: ignore[no-untyped-def]
     (offset appends, fenced complete/fail/release), so a retry after an unknown
     outcome cannot duplicate anything.
     """
-    from tenacity import (
-        retry,
-        retry_if_exception_type,
-        stop_after_attempt,
-        wait_exponential_jitter,
-    )
-
     return retry(
         retry=retry_if_exception_type(TransientStoreError),
         stop=stop_after_attempt(4),
