@@ -52,7 +52,17 @@ from pathlib import Path
 from typing import Any
 
 import measure
-from measure import RssSampler, counter_value, cpu_s, log_problems, logs_to_file, pct, running, say
+from measure import (
+    RssSampler,
+    counter_value,
+    cpu_s,
+    log_problems,
+    logs_to_file,
+    pct,
+    running,
+    say,
+    throwaway_database,
+)
 
 SCRIPT = str(Path(__file__).resolve())
 MODEL = "gemini-3.5-flash"  # GEMINI_MODEL's default; the fake accepts any name
@@ -319,32 +329,22 @@ async def enqueue(admin: Any, n: int, options: dict[str, Any]) -> dict[str, int]
 
 async def run(args: argparse.Namespace) -> int:
     measure.repo_on_path()
-    import asyncpg
-
-    from worker.devdb import LocalCluster
     from worker.generation.chapter import ChapterHandler, GenerationConfig
     from worker.generation.gemini import GeminiModel
     from worker.handlers import build_handlers
-    from worker.migrate import setup_local_database
     from worker.runner import RunnerConfig
     from worker.store.postgres import PostgresStore
 
-    say("Starting a throwaway PostgreSQL (LocalCluster) ...")
-    cluster = LocalCluster().start()
-    fake: FakeProcess | None = None
     rss = RssSampler()
-    try:
+    async with throwaway_database() as (cluster, admin, server_version):
         dsn = cluster.dsn()
-        admin = await asyncpg.connect(dsn)
+        say(f"Starting the fake Gemini server (subprocess): {args.chunks_per_second:g} "
+            f"chunks/s x {args.chunk_chars} chars, {args.words_per_section} words/section")
+        fake = await FakeProcess.start({
+            "chunks_per_second": args.chunks_per_second, "chunk_chars": args.chunk_chars,
+            "default_words": args.words_per_section, "outline_bullets": args.sections,
+            "pg_port": None if args.direct_db else cluster.port})
         try:
-            await setup_local_database(admin)
-            server_version = await admin.fetchval("show server_version")
-            say(f"Starting the fake Gemini server (subprocess): {args.chunks_per_second:g} "
-                f"chunks/s x {args.chunk_chars} chars, {args.words_per_section} words/section")
-            fake = await FakeProcess.start({
-                "chunks_per_second": args.chunks_per_second, "chunk_chars": args.chunk_chars,
-                "default_words": args.words_per_section, "outline_bullets": args.sections,
-                "pg_port": None if args.direct_db else cluster.port})
             options = {"sections": args.sections,
                        "target_words": args.sections * args.words_per_section}
             say(f"Enqueueing {args.chapters} chapters {options} ...")
@@ -396,11 +396,7 @@ async def run(args: argparse.Namespace) -> int:
             log_path.unlink()
             db = await collect(admin, jobs)
         finally:
-            await admin.close()
-    finally:
-        if fake is not None:
             await fake.close()
-        cluster.destroy()
     pg_cpu = pg_cpu1 - pg_cpu0 if pg_cpu0 is not None and pg_cpu1 is not None else None
     report(args, server_version=server_version, wall=wall, cpu=cpu, retried=retried,
            pg_cpu=pg_cpu, wal_bytes=int(wal_bytes), db=db, fake=fake_stats, rss=rss,

@@ -30,6 +30,30 @@ def say(*parts: Any) -> None:
     print(*parts, file=OUT, flush=True)
 
 
+@contextlib.asynccontextmanager
+async def throwaway_database() -> AsyncIterator[tuple[Any, Any, str]]:
+    """A LocalCluster prepared like a migrated Supabase project, destroyed afterwards.
+
+    Yields (cluster, an admin asyncpg connection, the server version).
+    """
+    import asyncpg
+
+    from worker.devdb import LocalCluster
+    from worker.migrate import setup_local_database
+
+    say("Starting a throwaway PostgreSQL (LocalCluster) ...")
+    cluster = LocalCluster().start()
+    try:
+        admin = await asyncpg.connect(cluster.dsn())
+        try:
+            await setup_local_database(admin)
+            yield cluster, admin, await admin.fetchval("show server_version")
+        finally:
+            await admin.close()
+    finally:
+        cluster.destroy()
+
+
 def repo_on_path() -> None:
     """``tests.support`` lives in the repository, not in the installed package."""
     if str(ROOT) not in sys.path:

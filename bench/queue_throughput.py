@@ -35,11 +35,19 @@ from typing import Any
 
 import asyncpg
 import measure
-from measure import RssSampler, counter_value, cpu_s, log_problems, logs_to_file, pct, running, say
+from measure import (
+    RssSampler,
+    counter_value,
+    cpu_s,
+    log_problems,
+    logs_to_file,
+    pct,
+    running,
+    say,
+    throwaway_database,
+)
 
-from worker.devdb import LocalCluster
 from worker.handlers import noop
-from worker.migrate import setup_local_database
 from worker.runner import JobContext, RunnerConfig
 from worker.store.postgres import PostgresStore
 
@@ -205,37 +213,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> int:
     measure.repo_on_path()
-    say("Starting a throwaway PostgreSQL (LocalCluster) ...")
-    cluster = LocalCluster().start()
     rss = RssSampler()
-    try:
+    async with throwaway_database() as (cluster, admin, server_version):
         dsn = cluster.dsn()
-        admin = await asyncpg.connect(dsn)
-        try:
-            await setup_local_database(admin)
-            server_version = await admin.fetchval("show server_version")
-            calib_us = await calibrate(dsn)
-            rss.start()
-            with logs_to_file(args.log_level) as log_path:
-                tput = []
-                for analyze in {"fresh": (False,), "analyzed": (True,),
-                                "both": (False, True)}[args.stats]:
-                    say(f"Throughput: {args.jobs} no-op jobs, concurrency {args.concurrency}"
-                        f"{', after ANALYZE' if analyze else ', planner stats as enqueued'} ...")
-                    tput.append(await throughput(args, dsn, admin, analyze))
-                lat = []
-                if not args.skip_latency:
-                    for listen in (True, False):
-                        say(f"Latency ({'LISTEN' if listen else 'poll only'}): idle "
-                            f"{args.idle_s:g} s, then {args.latency_jobs} jobs one at a time ...")
-                        lat.append(await latency(args, dsn, admin, listen))
-            await rss.stop()
-            problems, first = log_problems(log_path)
-            log_path.unlink()
-        finally:
-            await admin.close()
-    finally:
-        cluster.destroy()
+        calib_us = await calibrate(dsn)
+        rss.start()
+        with logs_to_file(args.log_level) as log_path:
+            tput = []
+            for analyze in {"fresh": (False,), "analyzed": (True,),
+                            "both": (False, True)}[args.stats]:
+                say(f"Throughput: {args.jobs} no-op jobs, concurrency {args.concurrency}"
+                    f"{', after ANALYZE' if analyze else ', planner stats as enqueued'} ...")
+                tput.append(await throughput(args, dsn, admin, analyze))
+            lat = []
+            if not args.skip_latency:
+                for listen in (True, False):
+                    say(f"Latency ({'LISTEN' if listen else 'poll only'}): idle "
+                        f"{args.idle_s:g} s, then {args.latency_jobs} jobs one at a time ...")
+                    lat.append(await latency(args, dsn, admin, listen))
+        await rss.stop()
+        problems, first = log_problems(log_path)
+        log_path.unlink()
     report(args, tput, lat, rss, server_version, calib_us, problems, first)
     return 0
 
