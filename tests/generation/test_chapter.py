@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -330,7 +329,3 @@ async def test_kill_and_rescue_mid_section_gives_the_same_text(
     job_row = await conn.fetchrow("select * from job_queue where id = $1", job)
     assert job_row["retry_count"] == 1 and job_row["worker_id"] == "rescuer"
     assert json.loads(job_row["job_result"])["resumed_at_section"] == 1
-
-
-def test_config_is_frozen() -> None:
-    assert replace(CONFIG, section_retries=0).section_retries == 0
