@@ -53,10 +53,13 @@ def main(argv: list[str]) -> int:
         return subprocess.call([python, "-m", "worker", "demo", *rest])
     code = subprocess.call([python, "-m", "pytest", *rest])
     if code == 0 and not rest and not os.environ.get("PG_BIN") and (PG15 / "postgres").exists():
-        print("\nSQL and store suites again on PostgreSQL 15 (Supabase's major version):",
-              flush=True)
-        code = subprocess.call([python, "-m", "pytest", "tests/sql", "tests/store"],
-                               env={**os.environ, "PG_BIN": str(PG15)})
+        print(
+            "\nSQL and store suites again on PostgreSQL 15 (Supabase's major version):", flush=True
+        )
+        code = subprocess.call(
+            [python, "-m", "pytest", "tests/sql", "tests/store"],
+            env={**os.environ, "PG_BIN": str(PG15)},
+        )
     return code
 
 

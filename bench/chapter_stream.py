@@ -150,11 +150,16 @@ class CountingProxy:
             writer.close()
             return
         messages = FrontendMessages(self.by_type)
-        await asyncio.gather(self._pipe(reader, up_writer, messages),
-                             self._pipe(up_reader, writer, None))
+        await asyncio.gather(
+            self._pipe(reader, up_writer, messages), self._pipe(up_reader, writer, None)
+        )
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                    messages: FrontendMessages | None) -> None:
+    async def _pipe(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        messages: FrontendMessages | None,
+    ) -> None:
         try:
             while data := await src.read(1 << 16):
                 if messages is not None:
@@ -193,9 +198,12 @@ async def serve_fake(cfg: dict[str, Any]) -> None:
             finally:
                 ended[id(record)] = time.monotonic()
 
-    fake = await TimedFake(chunks_per_second=cfg["chunks_per_second"],
-                           chunk_chars=cfg["chunk_chars"], default_words=cfg["default_words"],
-                           outline_bullets=cfg["outline_bullets"]).start()
+    fake = await TimedFake(
+        chunks_per_second=cfg["chunks_per_second"],
+        chunk_chars=cfg["chunk_chars"],
+        default_words=cfg["default_words"],
+        outline_bullets=cfg["outline_bullets"],
+    ).start()
     proxy = CountingProxy(cfg["pg_port"]) if cfg["pg_port"] else None
     if proxy is not None:
         await proxy.start()
@@ -223,16 +231,35 @@ async def serve_fake(cfg: dict[str, Any]) -> None:
                 requests = []
                 for r in fake.requests:
                     m = TAG.search(r.prompt)
-                    requests.append({
-                        "tag": int(m.group(1)) if m else None, "action": r.action,
-                        "start": r.started_at, "end": ended.get(id(r)),
-                        "chunks": r.chunks_sent, "chars": len(r.text_sent),
-                        "completed": r.completed, "disconnected": r.client_disconnected})
-                reply({"requests": requests, "max_open_streams": fake.max_open_streams,
-                       "cpu_s": cpu_s() - cpu0,
-                       "proxy": ({"up": proxy.up, "down": proxy.down,
-                                  "connections": proxy.connections,
-                                  "by_type": proxy.by_type} if proxy else None)})
+                    requests.append(
+                        {
+                            "tag": int(m.group(1)) if m else None,
+                            "action": r.action,
+                            "start": r.started_at,
+                            "end": ended.get(id(r)),
+                            "chunks": r.chunks_sent,
+                            "chars": len(r.text_sent),
+                            "completed": r.completed,
+                            "disconnected": r.client_disconnected,
+                        }
+                    )
+                reply(
+                    {
+                        "requests": requests,
+                        "max_open_streams": fake.max_open_streams,
+                        "cpu_s": cpu_s() - cpu0,
+                        "proxy": (
+                            {
+                                "up": proxy.up,
+                                "down": proxy.down,
+                                "connections": proxy.connections,
+                                "by_type": proxy.by_type,
+                            }
+                            if proxy
+                            else None
+                        ),
+                    }
+                )
             elif command == "quit":
                 break
     finally:
@@ -252,8 +279,14 @@ class FakeProcess:
     @classmethod
     async def start(cls, cfg: dict[str, Any]) -> FakeProcess:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, SCRIPT, "--serve-fake", json.dumps(cfg),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=2**26)
+            sys.executable,
+            SCRIPT,
+            "--serve-fake",
+            json.dumps(cfg),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=2**26,
+        )
         fake = cls(proc)
         try:
             hello = await fake._read(timeout=60)
@@ -322,7 +355,9 @@ async def enqueue(admin: Any, n: int, options: dict[str, Any]) -> dict[str, int]
         _, chapter, job = await chapter_job(admin, options=options)
         await admin.execute(
             "update stories s set title = $1 from chapters c where c.id = $2 and s.id = c.story_id",
-            f"Bench story {i:04d}", chapter)
+            f"Bench story {i:04d}",
+            chapter,
+        )
         jobs[job] = i
     return jobs
 
@@ -338,40 +373,66 @@ async def run(args: argparse.Namespace) -> int:
     rss = RssSampler()
     async with throwaway_database() as (cluster, admin, server_version):
         dsn = cluster.dsn()
-        say(f"Starting the fake Gemini server (subprocess): {args.chunks_per_second:g} "
-            f"chunks/s x {args.chunk_chars} chars, {args.words_per_section} words/section")
-        fake = await FakeProcess.start({
-            "chunks_per_second": args.chunks_per_second, "chunk_chars": args.chunk_chars,
-            "default_words": args.words_per_section, "outline_bullets": args.sections,
-            "pg_port": None if args.direct_db else cluster.port})
+        say(
+            f"Starting the fake Gemini server (subprocess): {args.chunks_per_second:g} "
+            f"chunks/s x {args.chunk_chars} chars, {args.words_per_section} words/section"
+        )
+        fake = await FakeProcess.start(
+            {
+                "chunks_per_second": args.chunks_per_second,
+                "chunk_chars": args.chunk_chars,
+                "default_words": args.words_per_section,
+                "outline_bullets": args.sections,
+                "pg_port": None if args.direct_db else cluster.port,
+            }
+        )
         try:
-            options = {"sections": args.sections,
-                       "target_words": args.sections * args.words_per_section}
+            options = {
+                "sections": args.sections,
+                "target_words": args.sections * args.words_per_section,
+            }
             say(f"Enqueueing {args.chapters} chapters {options} ...")
             jobs = await enqueue(admin, args.chapters, options)
             await admin.execute(WRITE_LOG)
-            worker_dsn = dsn if args.direct_db else \
-                f"postgresql://{cluster.user}@127.0.0.1:{fake.proxy_port}/postgres"
+            worker_dsn = (
+                dsn
+                if args.direct_db
+                else f"postgresql://{cluster.user}@127.0.0.1:{fake.proxy_port}/postgres"
+            )
 
-            store = await PostgresStore(worker_dsn, pool_size=min(20, args.concurrency + 2),
-                                        listen=True).open()
-            model = GeminiModel(api_key="bench-not-a-real-key", base_url=fake.base_url,
-                                connect_timeout_s=10.0, idle_timeout_s=90.0,
-                                request_timeout_s=600.0, max_concurrent_streams=50,
-                                requests_per_minute=args.rpm or None)
-            gen = GenerationConfig(default_model=MODEL, allowed_models=(MODEL,),
-                                   flush_interval_s=args.flush_interval,
-                                   flush_chars=args.flush_chars)
+            store = await PostgresStore(
+                worker_dsn, pool_size=min(20, args.concurrency + 2), listen=True
+            ).open()
+            model = GeminiModel(
+                api_key="bench-not-a-real-key",
+                base_url=fake.base_url,
+                connect_timeout_s=10.0,
+                idle_timeout_s=90.0,
+                request_timeout_s=600.0,
+                max_concurrent_streams=50,
+                requests_per_minute=args.rpm or None,
+            )
+            gen = GenerationConfig(
+                default_model=MODEL,
+                allowed_models=(MODEL,),
+                flush_interval_s=args.flush_interval,
+                flush_chars=args.flush_chars,
+            )
             handlers = build_handlers(ChapterHandler(model, gen))
-            config = RunnerConfig(worker_id="bench-chapters", concurrency=args.concurrency,
-                                  heartbeat_interval_s=args.heartbeat)
+            config = RunnerConfig(
+                worker_id="bench-chapters",
+                concurrency=args.concurrency,
+                heartbeat_interval_s=args.heartbeat,
+            )
             rss.start()
             wal0 = await admin.fetchval("select pg_current_wal_lsn()")
             pg_cpu0 = postgres_cpu_s(cluster.datadir)
             try:
                 with logs_to_file(args.log_level) as log_path:
-                    say(f"Running {args.chapters} chapters at once (concurrency "
-                        f"{args.concurrency}) ...")
+                    say(
+                        f"Running {args.chapters} chapters at once (concurrency "
+                        f"{args.concurrency}) ..."
+                    )
                     await fake.ask("reset")
                     cpu0, t0 = cpu_s(), time.monotonic()
                     async with running(store, handlers, config) as runner:
@@ -391,16 +452,28 @@ async def run(args: argparse.Namespace) -> int:
                 await store.close()
             await rss.stop()
             wal_bytes = await admin.fetchval(
-                "select pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::bigint", wal0)
+                "select pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::bigint", wal0
+            )
             problems, first = log_problems(log_path)
             log_path.unlink()
             db = await collect(admin, jobs)
         finally:
             await fake.close()
     pg_cpu = pg_cpu1 - pg_cpu0 if pg_cpu0 is not None and pg_cpu1 is not None else None
-    report(args, server_version=server_version, wall=wall, cpu=cpu, retried=retried,
-           pg_cpu=pg_cpu, wal_bytes=int(wal_bytes), db=db, fake=fake_stats, rss=rss,
-           problems=problems, first=first)
+    report(
+        args,
+        server_version=server_version,
+        wall=wall,
+        cpu=cpu,
+        retried=retried,
+        pg_cpu=pg_cpu,
+        wal_bytes=int(wal_bytes),
+        db=db,
+        fake=fake_stats,
+        rss=rss,
+        problems=problems,
+        first=first,
+    )
     return 0 if all(j["status"] == "completed" for j in db["jobs"].values()) else 1
 
 
@@ -414,7 +487,9 @@ async def collect(admin: Any, jobs: dict[str, int]) -> dict[str, Any]:
         " (select count(*) from bench_row_writes w where w.row_id = c.id) as chapter_writes,"
         " (select count(*) from bench_row_writes w where w.row_id = j.id) as job_writes"
         " from job_queue j join chapters c on c.generation_job_id = j.id"
-        " where j.id = any($1::uuid[])", list(jobs))
+        " where j.id = any($1::uuid[])",
+        list(jobs),
+    )
     out: dict[str, dict[str, Any]] = {}
     for r in rows:
         d = dict(r)
@@ -425,9 +500,21 @@ async def collect(admin: Any, jobs: dict[str, int]) -> dict[str, Any]:
     return {"jobs": out}
 
 
-def report(args: argparse.Namespace, *, server_version: str, wall: float, cpu: float,
-           retried: float, pg_cpu: float | None, wal_bytes: int, db: dict[str, Any],
-           fake: dict[str, Any], rss: RssSampler, problems: int, first: list[str]) -> None:
+def report(
+    args: argparse.Namespace,
+    *,
+    server_version: str,
+    wall: float,
+    cpu: float,
+    retried: float,
+    pg_cpu: float | None,
+    wal_bytes: int,
+    db: dict[str, Any],
+    fake: dict[str, Any],
+    rss: RssSampler,
+    problems: int,
+    first: list[str],
+) -> None:
     jobs = list(db["jobs"].values())
     done = [j for j in jobs if j["status"] == "completed"]
     n = len(jobs)
@@ -446,8 +533,9 @@ def report(args: argparse.Namespace, *, server_version: str, wall: float, cpu: f
     ratios, walls, models, gaps, stream_time = [], [], [], [], []
     for j in done:
         reqs = sorted(by_tag.get(j["tag"], []), key=lambda r: r["start"])
-        sections = sum(r["end"] - r["start"] for r in reqs
-                       if r["action"] == "streamGenerateContent")
+        sections = sum(
+            r["end"] - r["start"] for r in reqs if r["action"] == "streamGenerateContent"
+        )
         if not sections or j["wall"] is None:
             continue
         walls.append(j["wall"])
@@ -459,8 +547,9 @@ def report(args: argparse.Namespace, *, server_version: str, wall: float, cpu: f
     model_ratio = sum(walls) / sum(models) if models else float("nan")
     overhead = statistics.fmean(walls) - statistics.fmean(stream_time)
 
-    payload = sum(j["result"].get("bytes_written", 0) + j["outline_bytes"] + j["title_bytes"]
-                  for j in done)
+    payload = sum(
+        j["result"].get("bytes_written", 0) + j["outline_bytes"] + j["title_bytes"] for j in done
+    )
     payload_ratio = payload / text_bytes if text_bytes else float("nan")
     proxy = fake.get("proxy")
     wire_ratio = proxy["up"] / text_bytes if proxy and text_bytes else None
@@ -508,7 +597,8 @@ def report(args: argparse.Namespace, *, server_version: str, wall: float, cpu: f
         lines.append(
             f"                    wire    {wire_ratio:.3f}  target <= 1.3  "
             f"{verdict(wire_ratio <= 1.3)}  ({proxy['up']:,} bytes this process sent to "
-            "PostgreSQL during the run, all calls and protocol framing)")
+            "PostgreSQL during the run, all calls and protocol framing)"
+        )
     else:
         lines.append("                    wire    not measured (--direct-db)")
     if proxy:
@@ -518,7 +608,8 @@ def report(args: argparse.Namespace, *, server_version: str, wall: float, cpu: f
             f"text, ids, steps, checkpoints), Parse {kb.get('P', 0):,.0f} KB, Execute+Sync+"
             f"Describe {kb.get('E', 0) + kb.get('S', 0) + kb.get('D', 0):,.0f} KB, Query "
             f"{kb.get('Q', 0):,.0f} KB, startup {kb.get('startup', 0):,.0f} KB; "
-            f"{proxy['connections']} connections")
+            f"{proxy['connections']} connections"
+        )
     lines += [
         f"wall / stream time  {agg_ratio:.4f}  target <= 1.02  {verdict(agg_ratio <= 1.02)}  "
         f"(sum of job walls {sum(walls):.1f} s / sum of section streams "
@@ -549,27 +640,45 @@ def report(args: argparse.Namespace, *, server_version: str, wall: float, cpu: f
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--serve-fake", metavar="JSON", help=argparse.SUPPRESS)
-    p.add_argument("--quick", action="store_true",
-                   help="smaller run: 10 chapters x 3 sections x ~300 words")
+    p.add_argument(
+        "--quick", action="store_true", help="smaller run: 10 chapters x 3 sections x ~300 words"
+    )
     p.add_argument("--chapters", type=int, default=None, help="chapters at once (default 50)")
     p.add_argument("--sections", type=int, default=None, help="sections per chapter (default 5)")
-    p.add_argument("--words-per-section", type=int, default=None,
-                   help="words the fake streams per section (default 600)")
-    p.add_argument("--chunks-per-second", type=float, default=20.0,
-                   help="pace of every stream (default 20)")
-    p.add_argument("--chunk-chars", type=int, default=32,
-                   help="characters per chunk (default 32: 20 x 32 chars/s ~ 160 tokens/s)")
+    p.add_argument(
+        "--words-per-section",
+        type=int,
+        default=None,
+        help="words the fake streams per section (default 600)",
+    )
+    p.add_argument(
+        "--chunks-per-second", type=float, default=20.0, help="pace of every stream (default 20)"
+    )
+    p.add_argument(
+        "--chunk-chars",
+        type=int,
+        default=32,
+        help="characters per chunk (default 32: 20 x 32 chars/s ~ 160 tokens/s)",
+    )
     p.add_argument("--concurrency", type=int, default=50, help="WORKER_CONCURRENCY")
     p.add_argument("--flush-interval", type=float, default=1.0, help="FLUSH_INTERVAL_MS / 1000")
     p.add_argument("--flush-chars", type=int, default=2000, help="FLUSH_CHARS")
     p.add_argument("--heartbeat", type=float, default=10.0, help="HEARTBEAT_INTERVAL_S")
-    p.add_argument("--rpm", type=int, default=600,
-                   help="GEMINI_REQUESTS_PER_MINUTE (production default 600; 0 = none)")
-    p.add_argument("--direct-db", action="store_true",
-                   help="connect straight to PostgreSQL (no byte-counting proxy)")
+    p.add_argument(
+        "--rpm",
+        type=int,
+        default=600,
+        help="GEMINI_REQUESTS_PER_MINUTE (production default 600; 0 = none)",
+    )
+    p.add_argument(
+        "--direct-db",
+        action="store_true",
+        help="connect straight to PostgreSQL (no byte-counting proxy)",
+    )
     p.add_argument("--log-level", default="INFO", help="worker log level (production: INFO)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
     args = p.parse_args(argv)

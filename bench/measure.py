@@ -142,8 +142,9 @@ def log_problems(path: Path) -> tuple[int, list[str]]:
 
 
 @contextlib.asynccontextmanager
-async def running(store: Store, handlers: dict[str, Handler],
-                  config: RunnerConfig) -> AsyncIterator[Runner]:
+async def running(
+    store: Store, handlers: dict[str, Handler], config: RunnerConfig
+) -> AsyncIterator[Runner]:
     """As tests/runtime/conftest.py's ``running``, but with the caller's full RunnerConfig
     (production settings, not the tests' fast ones) and without importing pytest (RSS)."""
     from worker.metrics import Metrics

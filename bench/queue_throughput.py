@@ -69,9 +69,13 @@ def histogram_mean(hist: Any) -> tuple[float, int]:
 
 
 def runner_config(args: argparse.Namespace, worker_id: str) -> RunnerConfig:
-    return RunnerConfig(worker_id=worker_id, concurrency=args.concurrency,
-                        poll_interval_s=args.poll_interval, poll_max_interval_s=args.poll_max,
-                        heartbeat_interval_s=args.heartbeat)
+    return RunnerConfig(
+        worker_id=worker_id,
+        concurrency=args.concurrency,
+        poll_interval_s=args.poll_interval,
+        poll_max_interval_s=args.poll_max,
+        heartbeat_interval_s=args.heartbeat,
+    )
 
 
 async def wait_for(predicate: Any, timeout: float, what: str) -> None:  # noqa: ASYNC109
@@ -85,8 +89,9 @@ async def wait_for(predicate: Any, timeout: float, what: str) -> None:  # noqa: 
 # -- phases ----------------------------------------------------------------------------
 
 
-async def throughput(args: argparse.Namespace, dsn: str, admin: asyncpg.Connection,
-                     analyze: bool) -> dict[str, Any]:
+async def throughput(
+    args: argparse.Namespace, dsn: str, admin: asyncpg.Connection, analyze: bool
+) -> dict[str, Any]:
     from tests.support.seed import insert_jobs
 
     t = time.monotonic()
@@ -110,13 +115,25 @@ async def throughput(args: argparse.Namespace, dsn: str, admin: asyncpg.Connecti
     row = await admin.fetchrow(
         "select count(*) filter (where status = 'completed') as completed,"
         " extract(epoch from max(completed_at) - min(started_at)) as db_span"
-        " from job_queue where id = any($1::uuid[])", ids)
+        " from job_queue where id = any($1::uuid[])",
+        ids,
+    )
     if row["completed"] != args.jobs or failed:
-        raise RuntimeError(f"throughput run: {row['completed']} of {args.jobs} completed, "
-                           f"{failed} failed or retried")
-    return {"jobs": args.jobs, "elapsed_s": elapsed, "jobs_per_s": args.jobs / elapsed,
-            "db_span_s": float(row["db_span"]), "cpu_s": cpu, "insert_s": insert_s,
-            "claim_mean_ms": claim_mean * 1000, "claims": claims, "analyze": analyze}
+        raise RuntimeError(
+            f"throughput run: {row['completed']} of {args.jobs} completed, "
+            f"{failed} failed or retried"
+        )
+    return {
+        "jobs": args.jobs,
+        "elapsed_s": elapsed,
+        "jobs_per_s": args.jobs / elapsed,
+        "db_span_s": float(row["db_span"]),
+        "cpu_s": cpu,
+        "insert_s": insert_s,
+        "claim_mean_ms": claim_mean * 1000,
+        "claims": claims,
+        "analyze": analyze,
+    }
 
 
 async def calibrate(dsn: str, n: int = 1000) -> float:
@@ -132,8 +149,9 @@ async def calibrate(dsn: str, n: int = 1000) -> float:
         await conn.close()
 
 
-async def latency(args: argparse.Namespace, dsn: str, admin: asyncpg.Connection,
-                  listen: bool) -> dict[str, Any]:
+async def latency(
+    args: argparse.Namespace, dsn: str, admin: asyncpg.Connection, listen: bool
+) -> dict[str, Any]:
     from tests.support.seed import insert_jobs
 
     started: dict[str, float] = {}
@@ -150,8 +168,9 @@ async def latency(args: argparse.Namespace, dsn: str, admin: asyncpg.Connection,
     ids: list[str] = []
     committed: dict[str, float] = {}
     try:
-        async with running(store, {"noop": timed_noop},
-                           runner_config(args, f"bench-{mode}")) as runner:
+        async with running(
+            store, {"noop": timed_noop}, runner_config(args, f"bench-{mode}")
+        ) as runner:
             await asyncio.sleep(args.idle_s)  # let the claim loop go idle (backed off)
             for _ in range(args.latency_jobs):
                 (job_id,) = await insert_jobs(admin, 1, job_type="noop")
@@ -166,40 +185,71 @@ async def latency(args: argparse.Namespace, dsn: str, admin: asyncpg.Connection,
     created = {r["id"]: r["created_at"].timestamp() for r in rows}
     lat = [started[i] - created[i] for i in ids]  # in enqueue order
     from_commit = [started[i] - committed[i] for i in ids]
-    return {"mode": mode, "n": len(lat), "p50_ms": pct(lat, 50) * 1000,
-            "p95_ms": pct(lat, 95) * 1000, "max_ms": max(lat) * 1000,
-            "first_ms": lat[0] * 1000, "mean_ms": statistics.fmean(lat) * 1000,
-            "commit_p50_ms": pct(from_commit, 50) * 1000,
-            "commit_p95_ms": pct(from_commit, 95) * 1000, "notifications": store.notifications}
+    return {
+        "mode": mode,
+        "n": len(lat),
+        "p50_ms": pct(lat, 50) * 1000,
+        "p95_ms": pct(lat, 95) * 1000,
+        "max_ms": max(lat) * 1000,
+        "first_ms": lat[0] * 1000,
+        "mean_ms": statistics.fmean(lat) * 1000,
+        "commit_p50_ms": pct(from_commit, 50) * 1000,
+        "commit_p95_ms": pct(from_commit, 95) * 1000,
+        "notifications": store.notifications,
+    }
 
 
 # -- main ------------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smaller run: 1,000 jobs, 50 latency probes, 2 s idle")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smaller run: 1,000 jobs, 50 latency probes, 2 s idle"
+    )
     p.add_argument("--jobs", type=int, default=None, help="throughput jobs (default 5000)")
-    p.add_argument("--latency-jobs", type=int, default=None,
-                   help="jobs enqueued one at a time per latency run (default 200)")
-    p.add_argument("--gap-ms", type=float, nargs=2, default=(20.0, 50.0), metavar=("MIN", "MAX"),
-                   help="random interval between latency jobs (default 20 50)")
-    p.add_argument("--idle-s", type=float, default=None,
-                   help="idle time before the latency probes start (default 10: the poll "
-                        "backoff reaches its 5 s ceiling after about 8 s)")
+    p.add_argument(
+        "--latency-jobs",
+        type=int,
+        default=None,
+        help="jobs enqueued one at a time per latency run (default 200)",
+    )
+    p.add_argument(
+        "--gap-ms",
+        type=float,
+        nargs=2,
+        default=(20.0, 50.0),
+        metavar=("MIN", "MAX"),
+        help="random interval between latency jobs (default 20 50)",
+    )
+    p.add_argument(
+        "--idle-s",
+        type=float,
+        default=None,
+        help="idle time before the latency probes start (default 10: the poll "
+        "backoff reaches its 5 s ceiling after about 8 s)",
+    )
     p.add_argument("--concurrency", type=int, default=50)
-    p.add_argument("--pool-size", type=int, default=20,
-                   help="asyncpg pool size (production: min(20, concurrency + 2))")
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        default=20,
+        help="asyncpg pool size (production: min(20, concurrency + 2))",
+    )
     p.add_argument("--poll-interval", type=float, default=1.0, help="POLL_INTERVAL_MS / 1000")
     p.add_argument("--poll-max", type=float, default=5.0, help="POLL_MAX_INTERVAL_MS / 1000")
     p.add_argument("--heartbeat", type=float, default=10.0, help="HEARTBEAT_INTERVAL_S")
     p.add_argument("--log-level", default="INFO", help="worker log level (production: INFO)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-phase timeout, seconds")
-    p.add_argument("--stats", choices=("fresh", "analyzed", "both"), default="both",
-                   help="throughput with the planner statistics as enqueued (a burst into a "
-                        "table autovacuum has not analyzed yet), after ANALYZE, or both")
+    p.add_argument(
+        "--stats",
+        choices=("fresh", "analyzed", "both"),
+        default="both",
+        help="throughput with the planner statistics as enqueued (a burst into a "
+        "table autovacuum has not analyzed yet), after ANALYZE, or both",
+    )
     p.add_argument("--skip-latency", action="store_true", help="throughput only")
     args = p.parse_args(argv)
     if args.gap_ms[0] > args.gap_ms[1] or args.gap_ms[0] < 0:
@@ -220,16 +270,21 @@ async def run(args: argparse.Namespace) -> int:
         rss.start()
         with logs_to_file(args.log_level) as log_path:
             tput = []
-            for analyze in {"fresh": (False,), "analyzed": (True,),
-                            "both": (False, True)}[args.stats]:
-                say(f"Throughput: {args.jobs} no-op jobs, concurrency {args.concurrency}"
-                    f"{', after ANALYZE' if analyze else ', planner stats as enqueued'} ...")
+            for analyze in {"fresh": (False,), "analyzed": (True,), "both": (False, True)}[
+                args.stats
+            ]:
+                say(
+                    f"Throughput: {args.jobs} no-op jobs, concurrency {args.concurrency}"
+                    f"{', after ANALYZE' if analyze else ', planner stats as enqueued'} ..."
+                )
                 tput.append(await throughput(args, dsn, admin, analyze))
             lat = []
             if not args.skip_latency:
                 for listen in (True, False):
-                    say(f"Latency ({'LISTEN' if listen else 'poll only'}): idle "
-                        f"{args.idle_s:g} s, then {args.latency_jobs} jobs one at a time ...")
+                    say(
+                        f"Latency ({'LISTEN' if listen else 'poll only'}): idle "
+                        f"{args.idle_s:g} s, then {args.latency_jobs} jobs one at a time ..."
+                    )
                     lat.append(await latency(args, dsn, admin, listen))
         await rss.stop()
         problems, first = log_problems(log_path)
@@ -238,9 +293,16 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def report(args: argparse.Namespace, tput: list[dict[str, Any]], lat: list[dict[str, Any]],
-           rss: RssSampler, server_version: str, calib_us: float, problems: int,
-           first: list[str]) -> None:
+def report(
+    args: argparse.Namespace,
+    tput: list[dict[str, Any]],
+    lat: list[dict[str, Any]],
+    rss: RssSampler,
+    server_version: str,
+    calib_us: float,
+    problems: int,
+    first: list[str],
+) -> None:
     lines = [
         f"$ python bench/queue_throughput.py {' '.join(sys.argv[1:])}".rstrip(),
         f"machine: {os.cpu_count()} CPU, Python {platform.python_version()}, PostgreSQL "
@@ -263,20 +325,29 @@ def report(args: argparse.Namespace, tput: list[dict[str, Any]], lat: list[dict[
             f"{t['claim_mean_ms']:.2f} ms x {t['claims']:,} claims (one at a time)",
         ]
     for r in lat:
-        label = ("LISTEN/NOTIFY" if r["mode"] == "listen" else
-                 f"poll only ({args.poll_interval:g} s, max {args.poll_max:g} s)")
+        label = (
+            "LISTEN/NOTIFY"
+            if r["mode"] == "listen"
+            else f"poll only ({args.poll_interval:g} s, max {args.poll_max:g} s)"
+        )
         lines.append(
             f"claim->start {label:<26} p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  "
-            f"max {r['max_ms']:7.1f} ms  first job {r['first_ms']:7.1f} ms")
-        lines.append(f"{'':13}{'(from the insert commit instead:':<26} p50 "
-                     f"{r['commit_p50_ms']:7.1f} ms  p95 {r['commit_p95_ms']:7.1f} ms)")
+            f"max {r['max_ms']:7.1f} ms  first job {r['first_ms']:7.1f} ms"
+        )
+        lines.append(
+            f"{'':13}{'(from the insert commit instead:':<26} p50 "
+            f"{r['commit_p50_ms']:7.1f} ms  p95 {r['commit_p95_ms']:7.1f} ms)"
+        )
     if lat:
-        lines.append(f"             ({lat[0]['n']} jobs per mode, one insert each at random "
-                     f"{args.gap_ms[0]:g}-{args.gap_ms[1]:g} ms gaps into a worker idle for "
-                     f"{args.idle_s:g} s; handler start wall clock - created_at)")
+        lines.append(
+            f"             ({lat[0]['n']} jobs per mode, one insert each at random "
+            f"{args.gap_ms[0]:g}-{args.gap_ms[1]:g} ms gaps into a worker idle for "
+            f"{args.idle_s:g} s; handler start wall clock - created_at)"
+        )
     psutil_part = f"; psutil sampled peak {rss.peak / 2**20:.1f} MB" if rss.peak else ""
-    lines.append(f"peak RSS     {RssSampler.maxrss_mb():.1f} MB (ru_maxrss, whole process)"
-                 f"{psutil_part}")
+    lines.append(
+        f"peak RSS     {RssSampler.maxrss_mb():.1f} MB (ru_maxrss, whole process){psutil_part}"
+    )
     lines.append(f"worker log lines at WARNING or above: {problems}")
     lines += [f"  {line}" for line in first]
     say("")

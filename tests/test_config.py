@@ -23,7 +23,9 @@ from worker.store.postgres import is_transaction_pooler
 GEMINI_KEY = "AIzaTestGeminiKey-0123456789abcdefghijklmn"
 SERVICE_KEY = "sb_secret_TestServiceRoleKey0123456789"
 DB_PASSWORD = "Hunter2-Db-Passw0rd!"
-DSN = f"postgresql://postgres.abcdef:{DB_PASSWORD}@aws-0-eu-west-1.pooler.supabase.com:5432/postgres"
+DSN = (
+    f"postgresql://postgres.abcdef:{DB_PASSWORD}@aws-0-eu-west-1.pooler.supabase.com:5432/postgres"
+)
 
 MINIMAL = {"DATABASE_URL": DSN, "GEMINI_API_KEY": GEMINI_KEY}
 
@@ -89,15 +91,23 @@ def test_table_and_settings_agree() -> None:
     assert table_fields <= settings_fields
     assert settings_fields - table_fields <= derived
     assert {v.name for v in VARIABLES if v.secret} == {
-        "SUPABASE_SERVICE_ROLE_KEY", "GEMINI_API_KEY", "DATABASE_URL"}
+        "SUPABASE_SERVICE_ROLE_KEY",
+        "GEMINI_API_KEY",
+        "DATABASE_URL",
+    }
     assert all(v.description and "\n" not in v.description for v in VARIABLES)
 
 
 def test_values_are_parsed_and_normalised() -> None:
     s = load(
-        WORKER_CONCURRENCY=" 7 ", JOB_TYPES="chapter_generation, outline,,outline",
-        JOB_LANES="", LOG_LEVEL="debug", LOG_FORMAT="JSON", APP_ENV="Production",
-        GEMINI_ALLOWED_MODELS="gemini-3.5-flash,gemini-3.5-pro", RETRY_BASE_S="0.5",
+        WORKER_CONCURRENCY=" 7 ",
+        JOB_TYPES="chapter_generation, outline,,outline",
+        JOB_LANES="",
+        LOG_LEVEL="debug",
+        LOG_FORMAT="JSON",
+        APP_ENV="Production",
+        GEMINI_ALLOWED_MODELS="gemini-3.5-flash,gemini-3.5-pro",
+        RETRY_BASE_S="0.5",
     )
     assert s.worker_concurrency == 7
     assert s.job_types == ("chapter_generation", "outline")
@@ -164,9 +174,11 @@ def test_port_fallback() -> None:
 
 def test_bad_port_names_the_variable_it_came_from() -> None:
     assert problems({**MINIMAL, "PORT": "http"}) == [
-        "PORT: must be an integer between 1 and 65535, got 'http'"]
+        "PORT: must be an integer between 1 and 65535, got 'http'"
+    ]
     assert problems({**MINIMAL, "HEALTH_CHECK_PORT": "0"}) == [
-        "HEALTH_CHECK_PORT: must be an integer between 1 and 65535, got '0'"]
+        "HEALTH_CHECK_PORT: must be an integer between 1 and 65535, got '0'"
+    ]
 
 
 # ------------------------------------------------------------------------------ validation
@@ -195,17 +207,33 @@ def test_all_problems_are_reported_at_once_in_one_message() -> None:
     assert "LOG_LEVEL: must be one of DEBUG, INFO, WARNING, ERROR, got 'verbose'" in err.problems
     message = str(err)
     assert message.splitlines()[0] == "genworker: invalid configuration (10 problems):"
-    for name in ("WORKER_CONCURRENCY", "POLL_INTERVAL_MS", "HEARTBEAT_INTERVAL_S",
-                 "MAX_RETRIES", "LOG_LEVEL", "LOG_FORMAT", "GENERATION_PROVIDER",
-                 "SUPABASE_URL", "GEMINI_IDLE_TIMEOUT_S", "SUPABASE_SERVICE_ROLE_KEY"):
+    for name in (
+        "WORKER_CONCURRENCY",
+        "POLL_INTERVAL_MS",
+        "HEARTBEAT_INTERVAL_S",
+        "MAX_RETRIES",
+        "LOG_LEVEL",
+        "LOG_FORMAT",
+        "GENERATION_PROVIDER",
+        "SUPABASE_URL",
+        "GEMINI_IDLE_TIMEOUT_S",
+        "SUPABASE_SERVICE_ROLE_KEY",
+    ):
         assert f"  - {name}" in message, name
     assert ".env.example" in message
 
 
 def test_cross_field_rules() -> None:
-    found = problems({**MINIMAL, "POLL_INTERVAL_MS": "2000", "POLL_MAX_INTERVAL_MS": "500",
-                      "RETRY_BASE_S": "60", "RETRY_MAX_S": "10",
-                      "GEMINI_ALLOWED_MODELS": "gemini-3.5-pro"})
+    found = problems(
+        {
+            **MINIMAL,
+            "POLL_INTERVAL_MS": "2000",
+            "POLL_MAX_INTERVAL_MS": "500",
+            "RETRY_BASE_S": "60",
+            "RETRY_MAX_S": "10",
+            "GEMINI_ALLOWED_MODELS": "gemini-3.5-pro",
+        }
+    )
     assert "POLL_MAX_INTERVAL_MS: must be >= POLL_INTERVAL_MS (2000), got 500" in found
     assert "RETRY_MAX_S: must be >= RETRY_BASE_S (60), got 10" in found
     assert any(p.startswith("GEMINI_ALLOWED_MODELS: must include GEMINI_MODEL") for p in found)
@@ -231,8 +259,11 @@ def test_offline_refused_in_production() -> None:
 
 
 def test_store_selection() -> None:
-    supabase = {"SUPABASE_URL": "https://abcdef.supabase.co/", "SUPABASE_SERVICE_ROLE_KEY":
-                SERVICE_KEY, "GEMINI_API_KEY": GEMINI_KEY}
+    supabase = {
+        "SUPABASE_URL": "https://abcdef.supabase.co/",
+        "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+        "GEMINI_API_KEY": GEMINI_KEY,
+    }
     s = load_settings(supabase)
     assert s.store_kind == "supabase" and s.supabase_url == "https://abcdef.supabase.co"
     assert load().store_kind == "postgres"
@@ -255,9 +286,11 @@ def test_database_url_forms() -> None:
     assert is_transaction_pooler(pooler.database_url or "")  # PostgresStore then polls only
     assert not is_transaction_pooler(load().database_url or "")
     assert problems({**MINIMAL, "DATABASE_URL": "mysql://u:p@h/db"})[0].startswith(
-        "DATABASE_URL: must be a postgres:// or postgresql:// URL")
+        "DATABASE_URL: must be a postgres:// or postgresql:// URL"
+    )
     assert problems({**MINIMAL, "DATABASE_URL": "postgresql://h:port/db"})[0].startswith(
-        "DATABASE_URL: must have a numeric port")
+        "DATABASE_URL: must have a numeric port"
+    )
 
 
 # -------------------------------------------------------------------------------- secrets
@@ -281,8 +314,13 @@ def test_secrets_never_in_error_message() -> None:
 
 
 def test_secrets_never_in_repr() -> None:
-    s = load_settings({**MINIMAL, "SUPABASE_URL": "https://x.supabase.co",
-                       "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY})
+    s = load_settings(
+        {
+            **MINIMAL,
+            "SUPABASE_URL": "https://x.supabase.co",
+            "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
+        }
+    )
     for text in (repr(s), str(s), str(s.safe_dict())):
         for secret in (SERVICE_KEY, GEMINI_KEY, DB_PASSWORD):
             assert secret not in text
@@ -294,8 +332,7 @@ def test_secrets_never_in_repr() -> None:
 def test_loading_registers_secrets_with_logging() -> None:
     key = "AIzaAnotherKeyOnlyForThisTest-9876543210"
     password = "pa%40ss-for-this-test"
-    load_settings({"GEMINI_API_KEY": key,
-                   "DATABASE_URL": f"postgresql://u:{password}@h:5432/db"})
+    load_settings({"GEMINI_API_KEY": key, "DATABASE_URL": f"postgresql://u:{password}@h:5432/db"})
     text = logs.redact(f"key {key} password pa@ss-for-this-test and {password}")
     assert key not in text and "pa@ss-for-this-test" not in text and password not in text
 
@@ -303,8 +340,9 @@ def test_loading_registers_secrets_with_logging() -> None:
 # --------------------------------------------------------------------------------- .env
 
 
-def test_dotenv_loaded_without_overriding_real_env(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dotenv_loaded_without_overriding_real_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / ".env").write_text(
         f"DATABASE_URL={DSN}\nGEMINI_API_KEY={GEMINI_KEY}\nWORKER_CONCURRENCY=7\n"
         "POLL_INTERVAL_MS=200\n"

@@ -72,7 +72,7 @@ def fake_secrets() -> dict[str, str]:
         "SUPABASE_URL": "https://abcdefghij.supabase.co",
         "SUPABASE_SERVICE_ROLE_KEY": "sb_secret_deploy-test-0123456789",
         "DATABASE_URL": "postgresql://postgres.abcdefghij:pw-deploy-test@"
-                        "aws-0-us-east-1.pooler.supabase.com:5432/postgres",
+        "aws-0-us-east-1.pooler.supabase.com:5432/postgres",
         "GEMINI_API_KEY": "AIzaDeployTestKey0123456789abcdefghijk",
     }
 
@@ -115,7 +115,8 @@ def test_render_secrets_are_prompted_not_committed(
 
 
 def test_render_shutdown_window_exceeds_grace(
-    render_service: dict[str, Any], render_env: dict[str, dict[str, Any]],
+    render_service: dict[str, Any],
+    render_env: dict[str, dict[str, Any]],
 ) -> None:
     grace = float(render_env["SHUTDOWN_GRACE_S"]["value"])
     assert grace == 45

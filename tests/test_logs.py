@@ -107,18 +107,33 @@ def test_redaction(capsys: pytest.CaptureFixture[str]) -> None:
     log.info("dsn postgresql://postgres.ref:p@ss:w0rd@aws-0.pooler.supabase.com:6543/postgres")
     log.info("url https://generativelanguage.googleapis.com/v1?alt=sse&key=AIzaSyXXXX&x=1")
     log.info("rest apikey=sb_secret_abcdefgh12345678 done")
-    log.info("extras", extra={"headers": {"apikey": "short", "Accept": "json"},
-                              "api_key": "x", "payload": [SECRET, {"jwt": JWT}]})
+    log.info(
+        "extras",
+        extra={
+            "headers": {"apikey": "short", "Accept": "json"},
+            "api_key": "x",
+            "payload": [SECRET, {"jwt": JWT}],
+        },
+    )
     lines = json_lines(capsys)
     text = json.dumps(lines)
-    for leaked in (SECRET, JWT, "abc.def-ghi_jkl", "p@ss:w0rd", "w0rd", "AIzaSyXXXX",
-                   "sb_secret_abcdefgh", "short"):
+    for leaked in (
+        SECRET,
+        JWT,
+        "abc.def-ghi_jkl",
+        "p@ss:w0rd",
+        "w0rd",
+        "AIzaSyXXXX",
+        "sb_secret_abcdefgh",
+        "short",
+    ):
         assert leaked not in text, leaked
     assert lines[0]["msg"] == "key is ***"
     assert lines[1]["msg"].endswith("Authorization: Bearer ***")
     assert lines[2]["msg"] == "token ***"
     assert lines[3]["msg"] == (
-        "dsn postgresql://postgres.ref:***@aws-0.pooler.supabase.com:6543/postgres")
+        "dsn postgresql://postgres.ref:***@aws-0.pooler.supabase.com:6543/postgres"
+    )
     assert "?alt=sse&key=***&x=1" in lines[4]["msg"]
     assert lines[5]["msg"] == "rest apikey=*** done"
     assert lines[6]["headers"] == {"apikey": "***", "Accept": "json"}
@@ -127,8 +142,10 @@ def test_redaction(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_redact_leaves_ordinary_text_alone() -> None:
-    text = ("chapter 3: 1200 chars, max_tokens=6000 https://abc.supabase.co/rest/v1/rpc "
-            "postgresql://postgres@127.0.0.1:5432/postgres")
+    text = (
+        "chapter 3: 1200 chars, max_tokens=6000 https://abc.supabase.co/rest/v1/rpc "
+        "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
     assert logs.redact(text) == text
 
 

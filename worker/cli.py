@@ -71,8 +71,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     async def go(store: Any) -> str:
         if args.chapter:
             return await store.enqueue_chapter(args.chapter, options, args.idempotency_key)
-        return await store.enqueue_job(args.type, options, priority=args.priority,
-                                       lane=args.lane)
+        return await store.enqueue_job(args.type, options, priority=args.priority, lane=args.lane)
 
     if not args.chapter and not args.type:
         print("genworker enqueue: give --chapter ID or --type TYPE", file=sys.stderr)
@@ -91,8 +90,9 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         print("genworker requeue: give job ids, --type, --since or --all", file=sys.stderr)
         return 2
     since = datetime.fromisoformat(args.since) if args.since else None
-    ids = asyncio.run(_with_store(lambda s: s.requeue_failed(
-        args.ids or None, args.type, since, args.limit)))
+    ids = asyncio.run(
+        _with_store(lambda s: s.requeue_failed(args.ids or None, args.type, since, args.limit))
+    )
     _print({"requeued": ids, "count": len(ids)})
     return 0
 
@@ -105,9 +105,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     load_dotenv()
     dsn = args.database_url or os.environ.get("DATABASE_URL")
     if not dsn:
-        print("genworker: configuration error\nDATABASE_URL: required for migrate; expected "
-              "postgresql://user:password@host:5432/postgres (a direct or session-pooler "
-              "connection)", file=sys.stderr)
+        print(
+            "genworker: configuration error\nDATABASE_URL: required for migrate; expected "
+            "postgresql://user:password@host:5432/postgres (a direct or session-pooler "
+            "connection)",
+            file=sys.stderr,
+        )
         return 2
     from worker.migrate import apply_bootstrap, apply_migrations, pending_migrations
 
@@ -131,59 +134,90 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="genworker", description="A Supabase job-queue worker that streams Gemini "
-        "chapters into Postgres. Configuration comes from the environment (see .env.example).")
+        prog="genworker",
+        description="A Supabase job-queue worker that streams Gemini "
+        "chapters into Postgres. Configuration comes from the environment (see .env.example).",
+    )
     p.add_argument("--version", action="version", version=f"genworker {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the production worker until SIGTERM",
-                         description="Claim and run jobs until SIGTERM/SIGINT, then drain for "
-                         "SHUTDOWN_GRACE_S and release what is left. Serves /health, /ready, "
-                         "/status and /metrics on HEALTH_CHECK_PORT.")
+    run = sub.add_parser(
+        "run",
+        help="run the production worker until SIGTERM",
+        description="Claim and run jobs until SIGTERM/SIGINT, then drain for "
+        "SHUTDOWN_GRACE_S and release what is left. Serves /health, /ready, "
+        "/status and /metrics on HEALTH_CHECK_PORT.",
+    )
     run.set_defaults(fn=cmd_run)
 
-    demo = sub.add_parser("demo", help="embedded Postgres + real worker + live progress",
-                          description="Start an embedded PostgreSQL, apply the migrations, "
-                          "seed a demo story and run the real worker on its chapters with "
-                          "live progress bars. Uses the offline model unless GEMINI_API_KEY "
-                          "is set.")
+    demo = sub.add_parser(
+        "demo",
+        help="embedded Postgres + real worker + live progress",
+        description="Start an embedded PostgreSQL, apply the migrations, "
+        "seed a demo story and run the real worker on its chapters with "
+        "live progress bars. Uses the offline model unless GEMINI_API_KEY "
+        "is set.",
+    )
     demo.add_argument("--short", action="store_true", help="small chapters (for CI)")
-    demo.add_argument("--chapters", type=int, default=3, choices=(1, 2, 3),
-                      help="how many chapters to write (default 3)")
-    demo.add_argument("--port", type=int, default=None,
-                      help="health port (default HEALTH_CHECK_PORT or 10000)")
+    demo.add_argument(
+        "--chapters",
+        type=int,
+        default=3,
+        choices=(1, 2, 3),
+        help="how many chapters to write (default 3)",
+    )
+    demo.add_argument(
+        "--port", type=int, default=None, help="health port (default HEALTH_CHECK_PORT or 10000)"
+    )
     demo.set_defaults(fn=cmd_demo)
 
-    enq = sub.add_parser("enqueue", help="enqueue a chapter (or any) job as an operator",
-                         description="Enqueue a chapter_generation job on behalf of the "
-                         "chapter's owner (--chapter), or a job of any type (--type).")
+    enq = sub.add_parser(
+        "enqueue",
+        help="enqueue a chapter (or any) job as an operator",
+        description="Enqueue a chapter_generation job on behalf of the "
+        "chapter's owner (--chapter), or a job of any type (--type).",
+    )
     enq.add_argument("--chapter", help="chapter id (uuid)")
     enq.add_argument("--type", help="job type, e.g. noop")
-    enq.add_argument("--options", help='JSON: chapter options or the job payload, e.g. '
-                     '\'{"target_words": 1200}\'')
+    enq.add_argument(
+        "--options",
+        help="JSON: chapter options or the job payload, e.g. '{\"target_words\": 1200}'",
+    )
     enq.add_argument("--idempotency-key", help="same key, same job")
     enq.add_argument("--priority", type=int, default=0, help="higher runs first")
     enq.add_argument("--lane", default="default", help="job lane")
     enq.set_defaults(fn=cmd_enqueue)
 
-    st = sub.add_parser("status", help="queue statistics as JSON",
-                        description="Counts by status and type, oldest pending age, run time "
-                        "average and p95 over the last hour.")
+    st = sub.add_parser(
+        "status",
+        help="queue statistics as JSON",
+        description="Counts by status and type, oldest pending age, run time "
+        "average and p95 over the last hour.",
+    )
     st.set_defaults(fn=cmd_status)
 
-    mig = sub.add_parser("migrate", help="apply supabase/migrations to DATABASE_URL",
-                         description="Apply pending migrations, recording them in "
-                         "supabase_migrations.schema_migrations as the Supabase CLI does.")
+    mig = sub.add_parser(
+        "migrate",
+        help="apply supabase/migrations to DATABASE_URL",
+        description="Apply pending migrations, recording them in "
+        "supabase_migrations.schema_migrations as the Supabase CLI does.",
+    )
     mig.add_argument("--database-url", help="overrides DATABASE_URL")
-    mig.add_argument("--bootstrap", action="store_true",
-                     help="first create what Supabase provides (roles, auth schema, "
-                     "publication): for plain PostgreSQL only")
+    mig.add_argument(
+        "--bootstrap",
+        action="store_true",
+        help="first create what Supabase provides (roles, auth schema, "
+        "publication): for plain PostgreSQL only",
+    )
     mig.add_argument("--dry-run", action="store_true", help="list pending migrations only")
     mig.set_defaults(fn=cmd_migrate)
 
-    rq = sub.add_parser("requeue", help="send failed jobs back to the queue",
-                        description="Failed jobs go back to pending with their retries reset "
-                        "and their checkpoint kept, by id or by filter.")
+    rq = sub.add_parser(
+        "requeue",
+        help="send failed jobs back to the queue",
+        description="Failed jobs go back to pending with their retries reset "
+        "and their checkpoint kept, by id or by filter.",
+    )
     rq.add_argument("ids", nargs="*", help="job ids")
     rq.add_argument("--type", help="only this job type")
     rq.add_argument("--since", help="only jobs failed at or after this ISO time")

@@ -41,8 +41,9 @@ class Invalid(ValueError):
 
 
 def _int(low: int, high: int | None = None) -> Callable[[str], int]:
-    expected = f"an integer between {low} and {high}" if high is not None else \
-        f"an integer >= {low}"
+    expected = (
+        f"an integer between {low} and {high}" if high is not None else f"an integer >= {low}"
+    )
 
     def parse(text: str) -> int:
         try:
@@ -145,103 +146,260 @@ class Variable:
     parse: Callable[[str], Any] = _text
 
 
-def _v(name: str, default: str | None, description: str, group: str,
-       parse: Callable[[str], Any] = _text, *, secret: bool = False,
-       field: str | None = "") -> Variable:
+def _v(
+    name: str,
+    default: str | None,
+    description: str,
+    group: str,
+    parse: Callable[[str], Any] = _text,
+    *,
+    secret: bool = False,
+    field: str | None = "",
+) -> Variable:
     """Shorthand for the table below; ``field`` defaults to the lower-cased name."""
-    return Variable(name, default, description, group, secret,
-                    name.lower() if field == "" else field, parse)
+    return Variable(
+        name, default, description, group, secret, name.lower() if field == "" else field, parse
+    )
 
 
 VARIABLES: tuple[Variable, ...] = (
-    _v("SUPABASE_URL", None,
-       "Project URL https://<ref>.supabase.co; with the key below selects the REST store",
-       _STORE, _http_url),
-    _v("SUPABASE_SERVICE_ROLE_KEY", None,
-       "Service-role (or sb_secret_) key; server-side only, it bypasses RLS",
-       _STORE, secret=True),
-    _v("DATABASE_URL", None,
-       "postgresql:// URL: the direct store, needed by migrate; session pooler (5432)",
-       _STORE, _postgres_url, secret=True),
-    _v("GENERATION_PROVIDER", "gemini",
-       "gemini, or offline (deterministic text, no API calls; refused in production)",
-       _GEMINI, _choice("gemini", "offline")),
-    _v("GEMINI_API_KEY", None, "Gemini API key; required when GENERATION_PROVIDER=gemini",
-       _GEMINI, secret=True),
-    _v("GEMINI_MODEL", "gemini-3.5-flash", "Model used when a job does not name one",
-       _GEMINI),
-    _v("GEMINI_ALLOWED_MODELS", None,
-       "Comma-separated models a job may ask for; empty means GEMINI_MODEL only",
-       _GEMINI, _names),
-    _v("GEMINI_BASE_URL", None, "API endpoint override (proxies, tests); empty = Google's",
-       _GEMINI, _http_url),
-    _v("GEMINI_MAX_CONCURRENT_STREAMS", "50", "Gemini streams open at once per process",
-       _GEMINI, _int(1)),
-    _v("GEMINI_REQUESTS_PER_MINUTE", "600",
-       "Request rate cap per process (0 = none); the quota is per project, so divide it",
-       _GEMINI, _int(0)),
-    _v("GEMINI_CONNECT_TIMEOUT_S", "10.0", "Seconds to open a connection to Gemini",
-       _GEMINI, _float(0, above=True)),
-    _v("GEMINI_IDLE_TIMEOUT_S", "90.0",
-       "Longest silence between streamed chunks before the section is retried",
-       _GEMINI, _float(0, above=True)),
-    _v("GEMINI_REQUEST_TIMEOUT_S", "600.0", "Cap on one whole Gemini request",
-       _GEMINI, _float(0, above=True)),
-    _v("GEMINI_SECTION_RETRIES", "2",
-       "Retries of one section inside a job before the job itself is retried",
-       _GEMINI, _int(0)),
-    _v("GEMINI_MAX_RATE_LIMIT_WAIT_S", "120.0",
-       "Longest in-job wait on a 429 before the job goes back to the queue",
-       _GEMINI, _float(0)),
-    _v("GEMINI_THINKING_LEVEL", "low",
-       "Gemini 3 thinking level: minimal, low, medium, high, or default (the model's own; "
-       "use it for Gemini 2.5, which takes no level)",
-       _GEMINI, _choice("default", "minimal", "low", "medium", "high")),
-    _v("WORKER_ID", None,
-       "Id of this process; leave empty so each process derives a unique one",
-       _WORKER, _worker_id, field=None),
+    _v(
+        "SUPABASE_URL",
+        None,
+        "Project URL https://<ref>.supabase.co; with the key below selects the REST store",
+        _STORE,
+        _http_url,
+    ),
+    _v(
+        "SUPABASE_SERVICE_ROLE_KEY",
+        None,
+        "Service-role (or sb_secret_) key; server-side only, it bypasses RLS",
+        _STORE,
+        secret=True,
+    ),
+    _v(
+        "DATABASE_URL",
+        None,
+        "postgresql:// URL: the direct store, needed by migrate; session pooler (5432)",
+        _STORE,
+        _postgres_url,
+        secret=True,
+    ),
+    _v(
+        "GENERATION_PROVIDER",
+        "gemini",
+        "gemini, or offline (deterministic text, no API calls; refused in production)",
+        _GEMINI,
+        _choice("gemini", "offline"),
+    ),
+    _v(
+        "GEMINI_API_KEY",
+        None,
+        "Gemini API key; required when GENERATION_PROVIDER=gemini",
+        _GEMINI,
+        secret=True,
+    ),
+    _v("GEMINI_MODEL", "gemini-3.5-flash", "Model used when a job does not name one", _GEMINI),
+    _v(
+        "GEMINI_ALLOWED_MODELS",
+        None,
+        "Comma-separated models a job may ask for; empty means GEMINI_MODEL only",
+        _GEMINI,
+        _names,
+    ),
+    _v(
+        "GEMINI_BASE_URL",
+        None,
+        "API endpoint override (proxies, tests); empty = Google's",
+        _GEMINI,
+        _http_url,
+    ),
+    _v(
+        "GEMINI_MAX_CONCURRENT_STREAMS",
+        "50",
+        "Gemini streams open at once per process",
+        _GEMINI,
+        _int(1),
+    ),
+    _v(
+        "GEMINI_REQUESTS_PER_MINUTE",
+        "600",
+        "Request rate cap per process (0 = none); the quota is per project, so divide it",
+        _GEMINI,
+        _int(0),
+    ),
+    _v(
+        "GEMINI_CONNECT_TIMEOUT_S",
+        "10.0",
+        "Seconds to open a connection to Gemini",
+        _GEMINI,
+        _float(0, above=True),
+    ),
+    _v(
+        "GEMINI_IDLE_TIMEOUT_S",
+        "90.0",
+        "Longest silence between streamed chunks before the section is retried",
+        _GEMINI,
+        _float(0, above=True),
+    ),
+    _v(
+        "GEMINI_REQUEST_TIMEOUT_S",
+        "600.0",
+        "Cap on one whole Gemini request",
+        _GEMINI,
+        _float(0, above=True),
+    ),
+    _v(
+        "GEMINI_SECTION_RETRIES",
+        "2",
+        "Retries of one section inside a job before the job itself is retried",
+        _GEMINI,
+        _int(0),
+    ),
+    _v(
+        "GEMINI_MAX_RATE_LIMIT_WAIT_S",
+        "120.0",
+        "Longest in-job wait on a 429 before the job goes back to the queue",
+        _GEMINI,
+        _float(0),
+    ),
+    _v(
+        "GEMINI_THINKING_LEVEL",
+        "low",
+        "Gemini 3 thinking level: minimal, low, medium, high, or default (the model's own; "
+        "use it for Gemini 2.5, which takes no level)",
+        _GEMINI,
+        _choice("default", "minimal", "low", "medium", "high"),
+    ),
+    _v(
+        "WORKER_ID",
+        None,
+        "Id of this process; leave empty so each process derives a unique one",
+        _WORKER,
+        _worker_id,
+        field=None,
+    ),
     _v("WORKER_CONCURRENCY", "50", "Jobs one process runs at once", _WORKER, _int(1, 500)),
     _v("JOB_TYPES", None, "Comma-separated job types to claim; empty = all", _WORKER, _names),
     _v("JOB_LANES", None, "Comma-separated lanes to claim; empty = all", _WORKER, _names),
     _v("POLL_INTERVAL_MS", "1000", "Poll delay when the queue runs empty", _WORKER, _int(50)),
-    _v("POLL_MAX_INTERVAL_MS", "5000",
-       "Ceiling of the idle poll backoff (>= POLL_INTERVAL_MS)", _WORKER, _int(50)),
-    _v("HEARTBEAT_INTERVAL_S", "10.0", "How often the leases of running jobs are renewed",
-       _WORKER, _float(0, above=True)),
-    _v("MAX_RETRIES", "3", "Cap on a job's retries: min(job.max_retries, MAX_RETRIES)",
-       _WORKER, _int(0)),
-    _v("RETRY_BASE_S", "5.0", "First retry delay; it doubles per attempt, with jitter",
-       _WORKER, _float(0, above=True)),
-    _v("RETRY_MAX_S", "600.0", "Longest retry delay (>= RETRY_BASE_S)",
-       _WORKER, _float(0, above=True)),
-    _v("SHUTDOWN_GRACE_S", "30.0",
-       "On SIGTERM, time for running jobs to finish; keep below the platform kill timeout",
-       _WORKER, _float(0, above=True)),
-    _v("FLUSH_INTERVAL_MS", "1000", "Longest time streamed text waits before it is written",
-       _WORKER, _int(1)),
+    _v(
+        "POLL_MAX_INTERVAL_MS",
+        "5000",
+        "Ceiling of the idle poll backoff (>= POLL_INTERVAL_MS)",
+        _WORKER,
+        _int(50),
+    ),
+    _v(
+        "HEARTBEAT_INTERVAL_S",
+        "10.0",
+        "How often the leases of running jobs are renewed",
+        _WORKER,
+        _float(0, above=True),
+    ),
+    _v(
+        "MAX_RETRIES",
+        "3",
+        "Cap on a job's retries: min(job.max_retries, MAX_RETRIES)",
+        _WORKER,
+        _int(0),
+    ),
+    _v(
+        "RETRY_BASE_S",
+        "5.0",
+        "First retry delay; it doubles per attempt, with jitter",
+        _WORKER,
+        _float(0, above=True),
+    ),
+    _v(
+        "RETRY_MAX_S",
+        "600.0",
+        "Longest retry delay (>= RETRY_BASE_S)",
+        _WORKER,
+        _float(0, above=True),
+    ),
+    _v(
+        "SHUTDOWN_GRACE_S",
+        "30.0",
+        "On SIGTERM, time for running jobs to finish; keep below the platform kill timeout",
+        _WORKER,
+        _float(0, above=True),
+    ),
+    _v(
+        "FLUSH_INTERVAL_MS",
+        "1000",
+        "Longest time streamed text waits before it is written",
+        _WORKER,
+        _int(1),
+    ),
     _v("FLUSH_CHARS", "2000", "Buffered characters that force a write", _WORKER, _int(1)),
-    _v("CONTEXT_TAIL_CHARS", "2000",
-       "Characters of earlier text given to the next section as context", _WORKER, _int(0)),
-    _v("CONTEXT_MAX_TOKENS", "6000", "Token budget of the context in each section prompt",
-       _WORKER, _int(0)),
-    _v("HEALTH_CHECK_PORT", "10000",
-       "Port of /health, /ready and /metrics; when unset, PORT if set, else 10000",
-       _HEALTH, _int(1, 65535), field="health_port"),
+    _v(
+        "CONTEXT_TAIL_CHARS",
+        "2000",
+        "Characters of earlier text given to the next section as context",
+        _WORKER,
+        _int(0),
+    ),
+    _v(
+        "CONTEXT_MAX_TOKENS",
+        "6000",
+        "Token budget of the context in each section prompt",
+        _WORKER,
+        _int(0),
+    ),
+    _v(
+        "HEALTH_CHECK_PORT",
+        "10000",
+        "Port of /health, /ready and /metrics; when unset, PORT if set, else 10000",
+        _HEALTH,
+        _int(1, 65535),
+        field="health_port",
+    ),
     _v("HEALTH_HOST", "0.0.0.0", "Address the health server binds", _HEALTH),
-    _v("APP_ENV", "development",
-       "development, staging, production...; production refuses offline", _HEALTH, _word),
-    _v("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", _HEALTH,
-       _choice(*LEVELS, upper=True)),
-    _v("LOG_FORMAT", "auto", "json, text, or auto (text on a terminal, JSON lines otherwise)",
-       _HEALTH, _choice(*FORMATS)),
-    _v("PORT", None, "Set by some platforms; the health port when HEALTH_CHECK_PORT is unset",
-       _PLATFORM, _int(1, 65535), field=None),
-    _v("RENDER_SERVICE_ID", None, "Set by Render; part of the derived worker id", _PLATFORM,
-       field=None),
-    _v("RENDER_INSTANCE_ID", None, "Set by Render; part of the derived worker id", _PLATFORM,
-       field=None),
-    _v("FLY_MACHINE_ID", None, "Set by Fly.io; part of the derived worker id", _PLATFORM,
-       field=None),
+    _v(
+        "APP_ENV",
+        "development",
+        "development, staging, production...; production refuses offline",
+        _HEALTH,
+        _word,
+    ),
+    _v("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR", _HEALTH, _choice(*LEVELS, upper=True)),
+    _v(
+        "LOG_FORMAT",
+        "auto",
+        "json, text, or auto (text on a terminal, JSON lines otherwise)",
+        _HEALTH,
+        _choice(*FORMATS),
+    ),
+    _v(
+        "PORT",
+        None,
+        "Set by some platforms; the health port when HEALTH_CHECK_PORT is unset",
+        _PLATFORM,
+        _int(1, 65535),
+        field=None,
+    ),
+    _v(
+        "RENDER_SERVICE_ID",
+        None,
+        "Set by Render; part of the derived worker id",
+        _PLATFORM,
+        field=None,
+    ),
+    _v(
+        "RENDER_INSTANCE_ID",
+        None,
+        "Set by Render; part of the derived worker id",
+        _PLATFORM,
+        field=None,
+    ),
+    _v(
+        "FLY_MACHINE_ID",
+        None,
+        "Set by Fly.io; part of the derived worker id",
+        _PLATFORM,
+        field=None,
+    ),
 )
 
 _BY_NAME = {variable.name: variable for variable in VARIABLES}
@@ -432,8 +590,12 @@ def _shown(variable: Variable, raw: str) -> str:
     return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
-def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = True,
-                  scope: Literal["worker", "store"] = "worker") -> Settings:
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    *,
+    dotenv: bool = True,
+    scope: Literal["worker", "store"] = "worker",
+) -> Settings:
     """Read, validate and return the settings, or raise one ``ConfigError`` for all problems.
 
     ``environ`` replaces the process environment (and disables ``.env``), for tests.
@@ -463,8 +625,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
     if _get(env, "HEALTH_CHECK_PORT") is None and _get(env, "PORT") is not None:
         values["health_port"] = parse(_BY_NAME["PORT"], _get(env, "PORT"))
     else:
-        values["health_port"] = parse(_BY_NAME["HEALTH_CHECK_PORT"],
-                                      _get(env, "HEALTH_CHECK_PORT"))
+        values["health_port"] = parse(_BY_NAME["HEALTH_CHECK_PORT"], _get(env, "HEALTH_CHECK_PORT"))
 
     explicit_id = parse(_BY_NAME["WORKER_ID"], _get(env, "WORKER_ID"))
     if explicit_id:
@@ -472,16 +633,20 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
     else:
         values["worker_id"] = derive_worker_id(env)
         values["worker_id_source"] = (
-            "render" if _get(env, "RENDER_SERVICE_ID")
-            else "fly" if _get(env, "FLY_MACHINE_ID") else "host"
+            "render"
+            if _get(env, "RENDER_SERVICE_ID")
+            else "fly"
+            if _get(env, "FLY_MACHINE_ID")
+            else "host"
         )
 
     given = {variable.name for variable in VARIABLES if _get(env, variable.name)}
     problems += _cross_checks(values, given)
     if scope == "store":
         store_names = {v.name for v in VARIABLES if v.group == _STORE}
-        problems = [p for p in problems
-                    if p.split(":")[0] in store_names or p.startswith("DATABASE_URL or")]
+        problems = [
+            p for p in problems if p.split(":")[0] in store_names or p.startswith("DATABASE_URL or")
+        ]
     if problems:
         raise ConfigError(problems)
     if values["gemini_allowed_models"] is None:
@@ -499,33 +664,47 @@ def _cross_checks(values: dict[str, Any], given: set[str]) -> list[str]:
     problems: list[str] = []
     url, key = "SUPABASE_URL" in given, "SUPABASE_SERVICE_ROLE_KEY" in given
     if url and not key:
-        problems.append("SUPABASE_SERVICE_ROLE_KEY: required when SUPABASE_URL is set "
-                        "(Supabase dashboard > Project Settings > API keys)")
+        problems.append(
+            "SUPABASE_SERVICE_ROLE_KEY: required when SUPABASE_URL is set "
+            "(Supabase dashboard > Project Settings > API keys)"
+        )
     elif key and not url:
-        problems.append("SUPABASE_URL: required when SUPABASE_SERVICE_ROLE_KEY is set; "
-                        "expected https://<project-ref>.supabase.co")
+        problems.append(
+            "SUPABASE_URL: required when SUPABASE_SERVICE_ROLE_KEY is set; "
+            "expected https://<project-ref>.supabase.co"
+        )
     elif not (url or key or "DATABASE_URL" in given):
-        problems.append("DATABASE_URL or SUPABASE_URL + SUPABASE_SERVICE_ROLE_KEY: no job "
-                        "store configured; set DATABASE_URL=postgresql://... (direct) or both "
-                        "Supabase variables (REST)")
+        problems.append(
+            "DATABASE_URL or SUPABASE_URL + SUPABASE_SERVICE_ROLE_KEY: no job "
+            "store configured; set DATABASE_URL=postgresql://... (direct) or both "
+            "Supabase variables (REST)"
+        )
 
     provider = values["generation_provider"]
     if provider == "offline" and values["app_env"] and values["app_env"].lower() == "production":
-        problems.append("GENERATION_PROVIDER: 'offline' is refused when APP_ENV=production; "
-                        "it writes placeholder text into real chapters. Use 'gemini'")
+        problems.append(
+            "GENERATION_PROVIDER: 'offline' is refused when APP_ENV=production; "
+            "it writes placeholder text into real chapters. Use 'gemini'"
+        )
     if provider == "gemini" and not values["gemini_api_key"]:
-        problems.append("GEMINI_API_KEY: required when GENERATION_PROVIDER is 'gemini' (the "
-                        "default); expected a key from Google AI Studio, or set "
-                        "GENERATION_PROVIDER=offline for local runs")
+        problems.append(
+            "GEMINI_API_KEY: required when GENERATION_PROVIDER is 'gemini' (the "
+            "default); expected a key from Google AI Studio, or set "
+            "GENERATION_PROVIDER=offline for local runs"
+        )
 
     allowed, model = values["gemini_allowed_models"], values["gemini_model"]
     if allowed and model not in allowed:
-        problems.append(f"GEMINI_ALLOWED_MODELS: must include GEMINI_MODEL ({model!r}), "
-                        f"got {', '.join(allowed)!r}")
+        problems.append(
+            f"GEMINI_ALLOWED_MODELS: must include GEMINI_MODEL ({model!r}), "
+            f"got {', '.join(allowed)!r}"
+        )
 
-    for low, high in (("POLL_INTERVAL_MS", "POLL_MAX_INTERVAL_MS"),
-                      ("RETRY_BASE_S", "RETRY_MAX_S"),
-                      ("GEMINI_IDLE_TIMEOUT_S", "GEMINI_REQUEST_TIMEOUT_S")):
+    for low, high in (
+        ("POLL_INTERVAL_MS", "POLL_MAX_INTERVAL_MS"),
+        ("RETRY_BASE_S", "RETRY_MAX_S"),
+        ("GEMINI_IDLE_TIMEOUT_S", "GEMINI_REQUEST_TIMEOUT_S"),
+    ):
         a, b = values[low.lower()], values[high.lower()]
         if a is not None and b is not None and b < a:
             problems.append(f"{high}: must be >= {low} ({a:g}), got {b:g}")

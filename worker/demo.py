@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 DEMO_STORY = "00000000-0000-4000-8000-0000000057a0"
-DEMO_CHAPTERS = ("00000000-0000-4000-8000-00000000c001", "00000000-0000-4000-8000-00000000c002",
-                 "00000000-0000-4000-8000-00000000c003")
+DEMO_CHAPTERS = (
+    "00000000-0000-4000-8000-00000000c001",
+    "00000000-0000-4000-8000-00000000c002",
+    "00000000-0000-4000-8000-00000000c003",
+)
 OUTPUT_DIR = Path("demo-output")
 BAR = 28
 
@@ -27,8 +30,10 @@ BAR = 28
 def _bar(row: dict[str, Any]) -> str:
     filled = BAR * int(row["progress"]) // 100
     step = (row.get("current_step") or row["status"])[:48]
-    return (f"  ch.{row['number']} [{'#' * filled}{'.' * (BAR - filled)}] {row['progress']:>3}%"
-            f"  {row['status']:<10} {step}")
+    return (
+        f"  ch.{row['number']} [{'#' * filled}{'.' * (BAR - filled)}] {row['progress']:>3}%"
+        f"  {row['status']:<10} {step}"
+    )
 
 
 class ProgressView:
@@ -58,8 +63,12 @@ class ProgressView:
 
 def _demo_env(dsn: str, port: int, short: bool) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(DATABASE_URL=dsn, HEALTH_CHECK_PORT=str(port),
-               APP_ENV=env.get("APP_ENV") or "demo", LOG_LEVEL=env.get("LOG_LEVEL") or "WARNING")
+    env.update(
+        DATABASE_URL=dsn,
+        HEALTH_CHECK_PORT=str(port),
+        APP_ENV=env.get("APP_ENV") or "demo",
+        LOG_LEVEL=env.get("LOG_LEVEL") or "WARNING",
+    )
     env.pop("SUPABASE_URL", None)
     env.pop("SUPABASE_SERVICE_ROLE_KEY", None)
     if not env.get("GEMINI_API_KEY"):
@@ -126,12 +135,16 @@ async def run_demo(*, short: bool = False, chapters: int = 3, port: int | None =
         runner = await worker.start()
         store = worker.store
         assert store is not None
-        options = ({"target_words": 300, "sections": 2} if short
-                   else {"target_words": 900, "sections": 4})
+        options = (
+            {"target_words": 300, "sections": 2} if short else {"target_words": 900, "sections": 4}
+        )
         for chapter in DEMO_CHAPTERS[:chapters]:
             await store.enqueue_chapter(chapter, options)
-        model_name = (settings.gemini_model if settings.generation_provider == "gemini"
-                      else "deterministic offline text")
+        model_name = (
+            settings.gemini_model
+            if settings.generation_provider == "gemini"
+            else "deterministic offline text"
+        )
         print(f"Model: {settings.generation_provider} ({model_name})")
         print(f"Health: http://127.0.0.1:{port}/health  Metrics: http://127.0.0.1:{port}/metrics")
         print(f"Writing {chapters} chapter(s) of 'The Lighthouse at Vell' (Ctrl-C stops cleanly)")
@@ -160,16 +173,17 @@ async def run_demo(*, short: bool = False, chapters: int = 3, port: int | None =
         cluster.destroy()
 
 
-def _summary(rows: list[dict[str, Any]], started: float, runner: Any,
-             interrupted: bool) -> int:
+def _summary(rows: list[dict[str, Any]], started: float, runner: Any, interrupted: bool) -> int:
     m = runner.metrics
     writes = int(m.registry.get_sample_value("genworker_chapter_writes_total") or 0)
     done = [r for r in rows if r["status"] == "completed"]
     words = sum(int(r["word_count"]) for r in rows)
     print()
     print("Summary")
-    print(f"  jobs:            {len(done)} completed of {len(rows)}"
-          + (" (interrupted)" if interrupted else ""))
+    print(
+        f"  jobs:            {len(done)} completed of {len(rows)}"
+        + (" (interrupted)" if interrupted else "")
+    )
     print(f"  words:           {words}")
     print(f"  duration:        {time.monotonic() - started:.1f}s")
     print(f"  database writes: {writes} chapter writes")
@@ -182,4 +196,5 @@ def save_output(rows: list[dict[str, Any]]) -> None:
     OUTPUT_DIR.mkdir()
     for row in rows:
         (OUTPUT_DIR / f"chapter-{row['number']}.md").write_text(
-            f"# {row['title']}\n\n{row.get('content') or ''}\n", encoding="utf-8")
+            f"# {row['title']}\n\n{row.get('content') or ''}\n", encoding="utf-8"
+        )

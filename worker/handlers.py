@@ -17,8 +17,9 @@ from worker.runner import Handler, JobContext
 async def noop(ctx: JobContext) -> Mapping[str, Any]:
     sleep_s = ctx.job.job_payload.get("sleep_s", 0)
     if not isinstance(sleep_s, int | float) or not 0 <= sleep_s <= 3600:
-        raise PermanentJobError(f"noop: sleep_s must be 0..3600 seconds, got {sleep_s!r}",
-                                kind="bad_payload")
+        raise PermanentJobError(
+            f"noop: sleep_s must be 0..3600 seconds, got {sleep_s!r}", kind="bad_payload"
+        )
     if sleep_s:
         await asyncio.sleep(sleep_s)
     return {"ok": True, "slept_s": sleep_s}

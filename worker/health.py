@@ -45,8 +45,10 @@ class LoopMonitor:
 
     @property
     def stuck(self) -> bool:
-        return self.lag_s > LOOP_LAG_LIMIT_S or \
-            time.monotonic() - self.last_tick > LOOP_LAG_LIMIT_S + self.every_s
+        return (
+            self.lag_s > LOOP_LAG_LIMIT_S
+            or time.monotonic() - self.last_tick > LOOP_LAG_LIMIT_S + self.every_s
+        )
 
     def start_watchdog(self, limit_s: float, *, exit_code: int = 70) -> threading.Thread:
         """Exit the process when the event loop has not ticked for ``limit_s``.
@@ -61,8 +63,10 @@ class LoopMonitor:
                 time.sleep(min(1.0, limit_s / 4))
                 stalled = time.monotonic() - self.last_tick
                 if stalled > limit_s:
-                    log.critical("event loop stalled for %.0fs: exiting so the platform "
-                                 "restarts the worker", stalled)
+                    log.critical(
+                        "event loop stalled for %.0fs: exiting so the platform restarts the worker",
+                        stalled,
+                    )
                     logging.shutdown()
                     os._exit(exit_code)
 
@@ -81,9 +85,11 @@ def health_report(runner: Runner, monitor: LoopMonitor) -> tuple[int, dict[str, 
     if monitor.stuck:
         problems.append(f"event loop lag {monitor.lag_s:.1f}s")
     if runner.store_down_since is not None:
-        degraded.append(f"database calls failing for "
-                        f"{time.monotonic() - runner.store_down_since:.1f}s: "
-                        f"{runner.last_store_error}")
+        degraded.append(
+            f"database calls failing for "
+            f"{time.monotonic() - runner.store_down_since:.1f}s: "
+            f"{runner.last_store_error}"
+        )
     if runner.heartbeat.consecutive_failures:
         degraded.append(f"{runner.heartbeat.consecutive_failures} heartbeat round(s) failed")
     status = "unhealthy" if problems else "degraded" if degraded else "ok"
@@ -121,17 +127,25 @@ def build_app(runner: Runner, monitor: LoopMonitor) -> web.Application:
 
     async def status(_req: web.Request) -> web.Response:
         now = time.monotonic()
-        jobs = [{"job_id": job_id, "job_type": f.claimed.job_type,
-                 "attempt": f.claimed.retry_count + 1, "progress": f.progress, "step": f.step,
-                 "running_s": round(now - f.started, 3)}
-                for job_id, f in list(runner.in_flight.items())]
+        jobs = [
+            {
+                "job_id": job_id,
+                "job_type": f.claimed.job_type,
+                "attempt": f.claimed.retry_count + 1,
+                "progress": f.progress,
+                "step": f.step,
+                "running_s": round(now - f.started, 3),
+            }
+            for job_id, f in list(runner.in_flight.items())
+        ]
         try:
             async with asyncio.timeout(5):
                 queue: Any = await runner.store.queue_stats()
         except (StoreError, TimeoutError) as exc:
             queue = {"error": str(exc)[:300]}
-        return web.json_response({"worker_id": runner.config.worker_id, "queue": queue,
-                                  "in_flight": jobs}, dumps=_dumps)
+        return web.json_response(
+            {"worker_id": runner.config.worker_id, "queue": queue, "in_flight": jobs}, dumps=_dumps
+        )
 
     async def metrics(_req: web.Request) -> web.Response:
         resp = web.Response(body=runner.metrics.render())
@@ -151,8 +165,9 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, default=str)
 
 
-async def start_health_server(runner: Runner, monitor: LoopMonitor, host: str,
-                              port: int) -> web.AppRunner:
+async def start_health_server(
+    runner: Runner, monitor: LoopMonitor, host: str, port: int
+) -> web.AppRunner:
     app_runner = web.AppRunner(build_app(runner, monitor), access_log=None)
     await app_runner.setup()
     site = web.TCPSite(app_runner, host, port)

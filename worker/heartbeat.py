@@ -18,10 +18,17 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    def __init__(self, store: Store, worker_id: str, interval_s: float, *,
-                 job_ids: Callable[[], Iterable[str]], on_lost: Callable[[str], None],
-                 metrics: Metrics,
-                 on_result: Callable[[BaseException | None], None] = lambda _e: None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        worker_id: str,
+        interval_s: float,
+        *,
+        job_ids: Callable[[], Iterable[str]],
+        on_lost: Callable[[str], None],
+        metrics: Metrics,
+        on_result: Callable[[BaseException | None], None] = lambda _e: None,
+    ) -> None:
         self.store = store
         self.worker_id = worker_id
         self.interval_s = interval_s

@@ -53,8 +53,9 @@ def bind_worker(worker_id: str | None) -> Token[str | None]:
 
 
 @contextmanager
-def job_context(job_id: object, job_type: str | None = None,
-                attempt: int | None = None) -> Iterator[None]:
+def job_context(
+    job_id: object, job_type: str | None = None, attempt: int | None = None
+) -> Iterator[None]:
     """Tag every record logged inside the block with the job being worked on."""
     tokens = (
         (_job_id, _job_id.set(None if job_id is None else str(job_id))),
@@ -148,9 +149,12 @@ def _scrub(value: Any, key: str | None = None, depth: int = 0) -> Any:
 
 # --------------------------------------------------------------------------- records
 
-_STANDARD_ATTRS = frozenset(
-    vars(logging.LogRecord("", 0, "", 0, "", None, None))
-) | {"message", "asctime", "taskName", *CONTEXT_FIELDS}
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    *CONTEXT_FIELDS,
+}
 
 
 def _extras(record: logging.LogRecord) -> Iterator[tuple[str, Any]]:

@@ -9,38 +9,66 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.claimed = Counter("genworker_jobs_claimed_total", "Jobs claimed", ["job_type"],
-                               registry=r)
-        self.completed = Counter("genworker_jobs_completed_total", "Jobs completed",
-                                 ["job_type"], registry=r)
-        self.failed = Counter("genworker_jobs_failed_total", "Jobs failed for good",
-                              ["job_type", "kind"], registry=r)
-        self.retried = Counter("genworker_jobs_retried_total", "Jobs sent back for a retry",
-                               ["job_type", "kind"], registry=r)
-        self.released = Counter("genworker_jobs_released_total",
-                                "Jobs handed back at shutdown", ["job_type"], registry=r)
-        self.leases_lost = Counter("genworker_leases_lost_total",
-                                   "Jobs stopped because the lease was lost, cancelled or paused",
-                                   ["job_type"], registry=r)
-        self.in_flight = Gauge("genworker_jobs_in_flight", "Jobs running in this process",
-                               registry=r)
+        self.claimed = Counter(
+            "genworker_jobs_claimed_total", "Jobs claimed", ["job_type"], registry=r
+        )
+        self.completed = Counter(
+            "genworker_jobs_completed_total", "Jobs completed", ["job_type"], registry=r
+        )
+        self.failed = Counter(
+            "genworker_jobs_failed_total", "Jobs failed for good", ["job_type", "kind"], registry=r
+        )
+        self.retried = Counter(
+            "genworker_jobs_retried_total",
+            "Jobs sent back for a retry",
+            ["job_type", "kind"],
+            registry=r,
+        )
+        self.released = Counter(
+            "genworker_jobs_released_total",
+            "Jobs handed back at shutdown",
+            ["job_type"],
+            registry=r,
+        )
+        self.leases_lost = Counter(
+            "genworker_leases_lost_total",
+            "Jobs stopped because the lease was lost, cancelled or paused",
+            ["job_type"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "genworker_jobs_in_flight", "Jobs running in this process", registry=r
+        )
         self.run_seconds = Histogram(
-            "genworker_job_run_seconds", "Job run time", ["job_type"], registry=r,
-            buckets=(0.01, 0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800))
+            "genworker_job_run_seconds",
+            "Job run time",
+            ["job_type"],
+            registry=r,
+            buckets=(0.01, 0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800),
+        )
         self.claim_seconds = Histogram(
-            "genworker_claim_latency_seconds", "Time of one claim call", registry=r,
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
-        self.heartbeat_failures = Counter("genworker_heartbeat_failures_total",
-                                          "Heartbeat rounds that failed", registry=r)
-        self.store_errors = Counter("genworker_store_errors_total", "Database call failures",
-                                    ["op"], registry=r)
-        self.model_tokens = Counter("genworker_model_tokens_total", "Model tokens used",
-                                    ["kind"], registry=r)
-        self.chapter_writes = Counter("genworker_chapter_writes_total",
-                                      "Chapter content writes", registry=r)
-        self.chapter_bytes = Counter("genworker_chapter_bytes_total",
-                                     "Bytes of text, steps and checkpoints sent in chapter writes",
-                                     registry=r)
+            "genworker_claim_latency_seconds",
+            "Time of one claim call",
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+        )
+        self.heartbeat_failures = Counter(
+            "genworker_heartbeat_failures_total", "Heartbeat rounds that failed", registry=r
+        )
+        self.store_errors = Counter(
+            "genworker_store_errors_total", "Database call failures", ["op"], registry=r
+        )
+        self.model_tokens = Counter(
+            "genworker_model_tokens_total", "Model tokens used", ["kind"], registry=r
+        )
+        self.chapter_writes = Counter(
+            "genworker_chapter_writes_total", "Chapter content writes", registry=r
+        )
+        self.chapter_bytes = Counter(
+            "genworker_chapter_bytes_total",
+            "Bytes of text, steps and checkpoints sent in chapter writes",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

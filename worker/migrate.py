@@ -54,13 +54,16 @@ async def apply_bootstrap(conn: asyncpg.Connection) -> None:
     await conn.execute(bootstrap_sql())
 
 
-async def pending_migrations(conn: asyncpg.Connection,
-                             directory: Path | None = None) -> list[Migration]:
+async def pending_migrations(
+    conn: asyncpg.Connection, directory: Path | None = None
+) -> list[Migration]:
     """Migrations not yet recorded in supabase_migrations.schema_migrations."""
     done: set[str] = set()
     if await conn.fetchval("select to_regclass('supabase_migrations.schema_migrations')"):
-        done = {r["version"] for r in await conn.fetch(
-            "select version from supabase_migrations.schema_migrations")}
+        done = {
+            r["version"]
+            for r in await conn.fetch("select version from supabase_migrations.schema_migrations")
+        }
     return [m for m in migrations(directory) if m.version not in done]
 
 

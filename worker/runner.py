@@ -71,17 +71,23 @@ class InFlight:
     finishing: bool = False  # complete/fail under way: the heartbeat must not cancel it
 
 
-def retry_delay(retry_count: int, base_s: float, max_s: float,
-                server_hint_s: float | None = None) -> float:
+def retry_delay(
+    retry_count: int, base_s: float, max_s: float, server_hint_s: float | None = None
+) -> float:
     """Exponential backoff with 'equal jitter' and a cap; a server's hint is a floor."""
-    ceiling = min(max_s, base_s * (2 ** retry_count))
+    ceiling = min(max_s, base_s * (2**retry_count))
     delay = ceiling / 2 + random.uniform(0, ceiling / 2)
     return max(delay, server_hint_s or 0.0)
 
 
 class Runner:
-    def __init__(self, store: Store, config: RunnerConfig, handlers: Mapping[str, Handler],
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: RunnerConfig,
+        handlers: Mapping[str, Handler],
+        metrics: Metrics | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.handlers = dict(handlers)
@@ -96,9 +102,14 @@ class Runner:
         self.fatal: BaseException | None = None
         self._slot_free = asyncio.Event()
         self.heartbeat = Heartbeat(
-            store, config.worker_id, config.heartbeat_interval_s,
+            store,
+            config.worker_id,
+            config.heartbeat_interval_s,
             job_ids=lambda: [j for j, f in self.in_flight.items() if not f.finishing],
-            on_lost=self._lease_lost, metrics=self.metrics, on_result=self._store_result)
+            on_lost=self._lease_lost,
+            metrics=self.metrics,
+            on_result=self._store_result,
+        )
         self._side_tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -138,8 +149,11 @@ class Runner:
     async def _drain(self) -> None:
         tasks = [f.task for f in self.in_flight.values() if f.task]
         if tasks:
-            log.info("shutdown: waiting up to %.0fs for %d job(s)", self.config.shutdown_grace_s,
-                     len(tasks))
+            log.info(
+                "shutdown: waiting up to %.0fs for %d job(s)",
+                self.config.shutdown_grace_s,
+                len(tasks),
+            )
             await asyncio.wait(tasks, timeout=self.config.shutdown_grace_s)
         rest = [f for f in self.in_flight.values() if f.task and not f.task.done()]
         for f in rest:
@@ -183,8 +197,11 @@ class Runner:
             self._store_result(None)
             if claimed is None:
                 woke = await self.store.wait_for_work(idle * random.uniform(0.5, 1.0))
-                idle = self.config.poll_interval_s if woke else min(
-                    self.config.poll_max_interval_s, idle * 1.5)
+                idle = (
+                    self.config.poll_interval_s
+                    if woke
+                    else min(self.config.poll_max_interval_s, idle * 1.5)
+                )
                 continue
             idle = self.config.poll_interval_s
             self.last_claim_at = time.time()
@@ -198,8 +215,9 @@ class Runner:
         and unknown here (stuck until its lease expires, costing a retry). So the call
         is shielded; if shutdown arrives meanwhile, a job it returns is released.
         """
-        call = asyncio.ensure_future(self.store.claim(
-            self.config.worker_id, self.config.job_types, self.config.job_lanes))
+        call = asyncio.ensure_future(
+            self.store.claim(self.config.worker_id, self.config.job_types, self.config.job_lanes)
+        )
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
@@ -241,15 +259,20 @@ class Runner:
         with job_context(claimed.job_id, claimed.job_type, claimed.retry_count + 1):
             try:
                 job = await self.store.get_job(claimed.job_id)
-                if job is None or job.status != "processing" or \
-                        job.worker_id != self.config.worker_id:
+                if (
+                    job is None
+                    or job.status != "processing"
+                    or job.worker_id != self.config.worker_id
+                ):
                     raise LeaseLost("job changed hands before it started")
                 handler = self.handlers.get(job.job_type)
                 if handler is None:
                     raise PermanentJobError(
                         f"no handler for job_type {job.job_type!r}; this worker handles "
-                        f"{sorted(self.handlers)}", kind="unknown_job_type",
-                        user_message="This kind of job is not supported by the worker.")
+                        f"{sorted(self.handlers)}",
+                        kind="unknown_job_type",
+                        user_message="This kind of job is not supported by the worker.",
+                    )
 
                 def report(progress: int, step: str) -> None:
                     entry.progress, entry.step = progress, step
@@ -276,7 +299,8 @@ class Runner:
                 await self._record_failure(claimed, job, exc)
             finally:
                 self.metrics.run_seconds.labels(claimed.job_type).observe(
-                    time.monotonic() - entry.started)
+                    time.monotonic() - entry.started
+                )
                 if self.in_flight.get(claimed.job_id) is entry:
                     del self.in_flight[claimed.job_id]
                 self.metrics.in_flight.set(len(self.in_flight))
@@ -294,29 +318,39 @@ class Runner:
         except (StoreError, TimeoutError) as exc:
             log.error("could not release job at shutdown; its lease will expire: %s", exc)
 
-    async def _record_failure(self, claimed: ClaimedJob, job: Job | None,
-                              exc: BaseException) -> None:
+    async def _record_failure(
+        self, claimed: ClaimedJob, job: Job | None, exc: BaseException
+    ) -> None:
         failure = classify(exc)
         retry_count = job.retry_count if job else claimed.retry_count
-        allowed = min(job.max_retries if job else self.config.max_retries,
-                      self.config.max_retries)
+        allowed = min(job.max_retries if job else self.config.max_retries, self.config.max_retries)
         will_retry = failure.retryable and retry_count < allowed
-        details = error_details(failure, attempt=retry_count + 1,
-                                worker_id=self.config.worker_id, will_retry=will_retry)
+        details = error_details(
+            failure, attempt=retry_count + 1, worker_id=self.config.worker_id, will_retry=will_retry
+        )
         retry_at = None
         if will_retry:
-            delay = retry_delay(retry_count, self.config.retry_base_s, self.config.retry_max_s,
-                                failure.retry_after)
+            delay = retry_delay(
+                retry_count, self.config.retry_base_s, self.config.retry_max_s, failure.retry_after
+            )
             retry_at = datetime.now(UTC) + timedelta(seconds=delay)
             details["retry_in_s"] = round(delay, 3)
-        log.log(logging.WARNING if will_retry else logging.ERROR,
-                "job failed (%s, %s): %s", failure.kind,
-                "will retry" if will_retry else "final", failure.message,
-                exc_info=failure.kind == "internal")
+        log.log(
+            logging.WARNING if will_retry else logging.ERROR,
+            "job failed (%s, %s): %s",
+            failure.kind,
+            "will retry" if will_retry else "final",
+            failure.message,
+            exc_info=failure.kind == "internal",
+        )
         try:
-            ok = await self.store.fail(claimed.job_id, self.config.worker_id,
-                                       error_details=details, retry_count=retry_count + 1,
-                                       retry_at=retry_at)
+            ok = await self.store.fail(
+                claimed.job_id,
+                self.config.worker_id,
+                error_details=details,
+                retry_count=retry_count + 1,
+                retry_at=retry_at,
+            )
         except StoreError as store_exc:
             self._store_result(store_exc)
             log.error("could not record the failure; the lease will expire: %s", store_exc)

@@ -35,12 +35,16 @@ async def open_store(settings: Settings) -> SqlFunctionStore:
 
         assert settings.database_url
         return await PostgresStore(
-            settings.database_url, pool_size=min(20, settings.worker_concurrency + 2)).open()
+            settings.database_url, pool_size=min(20, settings.worker_concurrency + 2)
+        ).open()
     from worker.store.supabase import SupabaseStore
 
     assert settings.supabase_url and settings.supabase_service_role_key
-    return await SupabaseStore(settings.supabase_url, settings.supabase_service_role_key,
-                               concurrency=settings.worker_concurrency).open()
+    return await SupabaseStore(
+        settings.supabase_url,
+        settings.supabase_service_role_key,
+        concurrency=settings.worker_concurrency,
+    ).open()
 
 
 def build_model(settings: Settings, *, offline_delay_s: float = 0.03) -> TextModel:
@@ -51,34 +55,46 @@ def build_model(settings: Settings, *, offline_delay_s: float = 0.03) -> TextMod
     from worker.generation.gemini import GeminiModel
 
     return GeminiModel(
-        api_key=settings.gemini_api_key or "", base_url=settings.gemini_base_url,
+        api_key=settings.gemini_api_key or "",
+        base_url=settings.gemini_base_url,
         connect_timeout_s=settings.gemini_connect_timeout_s,
         idle_timeout_s=settings.gemini_idle_timeout_s,
         request_timeout_s=settings.gemini_request_timeout_s,
         max_concurrent_streams=settings.gemini_max_concurrent_streams,
         requests_per_minute=settings.gemini_requests_per_minute or None,
-        thinking_level=None if settings.gemini_thinking_level == "default"
-        else settings.gemini_thinking_level.upper())
+        thinking_level=None
+        if settings.gemini_thinking_level == "default"
+        else settings.gemini_thinking_level.upper(),
+    )
 
 
 def runner_config(settings: Settings) -> RunnerConfig:
     return RunnerConfig(
-        worker_id=settings.worker_id, concurrency=settings.worker_concurrency,
-        job_types=settings.job_types, job_lanes=settings.job_lanes,
+        worker_id=settings.worker_id,
+        concurrency=settings.worker_concurrency,
+        job_types=settings.job_types,
+        job_lanes=settings.job_lanes,
         poll_interval_s=settings.poll_interval_ms / 1000,
         poll_max_interval_s=settings.poll_max_interval_ms / 1000,
-        heartbeat_interval_s=settings.heartbeat_interval_s, max_retries=settings.max_retries,
-        retry_base_s=settings.retry_base_s, retry_max_s=settings.retry_max_s,
-        shutdown_grace_s=settings.shutdown_grace_s)
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        max_retries=settings.max_retries,
+        retry_base_s=settings.retry_base_s,
+        retry_max_s=settings.retry_max_s,
+        shutdown_grace_s=settings.shutdown_grace_s,
+    )
 
 
 def generation_config(settings: Settings) -> GenerationConfig:
     return GenerationConfig(
-        default_model=settings.gemini_model, allowed_models=settings.gemini_allowed_models,
-        flush_interval_s=settings.flush_interval_ms / 1000, flush_chars=settings.flush_chars,
+        default_model=settings.gemini_model,
+        allowed_models=settings.gemini_allowed_models,
+        flush_interval_s=settings.flush_interval_ms / 1000,
+        flush_chars=settings.flush_chars,
         section_retries=settings.gemini_section_retries,
         max_rate_limit_wait_s=settings.gemini_max_rate_limit_wait_s,
-        tail_chars=settings.context_tail_chars, context_max_tokens=settings.context_max_tokens)
+        tail_chars=settings.context_tail_chars,
+        context_max_tokens=settings.context_max_tokens,
+    )
 
 
 def install_exception_hooks(loop: asyncio.AbstractEventLoop) -> None:
@@ -86,9 +102,16 @@ def install_exception_hooks(loop: asyncio.AbstractEventLoop) -> None:
 
     def loop_handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        log.error("unhandled error in event loop: %s", context.get("message"),
-                  exc_info=exc, extra={"context": {k: repr(v) for k, v in context.items()
-                                                   if k not in ("exception", "message")}})
+        log.error(
+            "unhandled error in event loop: %s",
+            context.get("message"),
+            exc_info=exc,
+            extra={
+                "context": {
+                    k: repr(v) for k, v in context.items() if k not in ("exception", "message")
+                }
+            },
+        )
 
     def sys_hook(tp: type[BaseException], value: BaseException, tb: Any) -> None:
         log.critical("uncaught exception", exc_info=(tp, value, tb))
@@ -105,8 +128,9 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: Callable[[], 
             log.warning("second signal %s: exiting at once", signal.Signals(signum).name)
             os._exit(128 + signum)
         received.append(signum)
-        log.info("%s received: stopping claims, draining in-flight jobs",
-                 signal.Signals(signum).name)
+        log.info(
+            "%s received: stopping claims, draining in-flight jobs", signal.Signals(signum).name
+        )
         stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -138,14 +162,16 @@ class Worker:
         self._tasks.append(asyncio.create_task(self.monitor.run(), name="loop-monitor"))
         self.monitor.start_watchdog(WATCHDOG_LIMIT_S)
         try:
-            self._health = await start_health_server(self.runner, self.monitor, s.health_host,
-                                                     s.health_port)
+            self._health = await start_health_server(
+                self.runner, self.monitor, s.health_host, s.health_port
+            )
         except OSError as exc:
-            log.error("health server could not bind %s:%s: %s", s.health_host, s.health_port,
-                      exc)
+            log.error("health server could not bind %s:%s: %s", s.health_host, s.health_port, exc)
             raise
-        log.info("worker started", extra={"settings": s.safe_dict(), "store": self.store.name,
-                                          "model": self.model.name})
+        log.info(
+            "worker started",
+            extra={"settings": s.safe_dict(), "store": self.store.name, "model": self.model.name},
+        )
         return self.runner
 
     async def close(self) -> None:

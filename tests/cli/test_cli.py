@@ -13,12 +13,21 @@ from worker.cli import COMMANDS, build_parser, main
 from worker.devdb import free_port
 
 
-def genworker(*args: str, env: dict[str, str] | None = None, timeout: float = 120
-              ) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("SUPABASE_", "GEMINI_", "DATABASE_"))}
-    return subprocess.run([sys.executable, "-m", "worker", *args], env={**base, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+def genworker(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SUPABASE_", "GEMINI_", "DATABASE_"))
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -42,8 +51,13 @@ def test_version() -> None:
 
 
 def test_migrate_needs_database_url(tmp_path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "worker", "migrate"], cwd=tmp_path,
-                          env={"PATH": os.environ["PATH"]}, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "migrate"],
+        cwd=tmp_path,
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "DATABASE_URL" in proc.stderr
 
 
@@ -74,8 +88,9 @@ async def test_migrate_fresh_database(pg_server) -> None:
     assert len(json.loads(proc.stdout)["applied"]) >= 5
     conn = await asyncpg.connect(dsn)
     try:
-        assert await conn.fetchval("select count(*) from supabase_migrations.schema_migrations") \
-            == len(json.loads(proc.stdout)["applied"])
+        assert await conn.fetchval(
+            "select count(*) from supabase_migrations.schema_migrations"
+        ) == len(json.loads(proc.stdout)["applied"])
     finally:
         await conn.close()
 
@@ -91,8 +106,9 @@ async def test_operator_commands(db_dsn, conn) -> None:
     chapter = await create_chapter(conn, await create_story(conn, user), user)
     proc = genworker("enqueue", "--chapter", chapter, "--options", '{"sections": 2}', env=env)
     chapter_job = json.loads(proc.stdout)["job_id"]
-    assert await conn.fetchval("select user_id from job_queue where id = $1", chapter_job) \
-        is not None
+    assert (
+        await conn.fetchval("select user_id from job_queue where id = $1", chapter_job) is not None
+    )
     stats = json.loads(genworker("status", env=env).stdout)
     assert stats["by_status"] == {"pending": 2}
     await conn.fetch("select * from claim_next_job_v3('w', array['noop'], null)")
@@ -111,8 +127,12 @@ def test_status_config_error_is_clear() -> None:
 def test_demo_short_mode(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "worker", "demo", "--short", "--port", str(free_port())],
-        cwd=tmp_path, capture_output=True, text=True, timeout=180,
-        env={k: v for k, v in os.environ.items() if not k.startswith("GEMINI_")})
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={k: v for k, v in os.environ.items() if not k.startswith("GEMINI_")},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "jobs:            3 completed of 3" in out
@@ -129,9 +149,13 @@ def test_demo_ctrl_c_stops_cleanly(tmp_path) -> None:
     import time
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "demo", "--port", str(free_port())], cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={k: v for k, v in os.environ.items() if not k.startswith("GEMINI_")})
+        [sys.executable, "-m", "worker", "demo", "--port", str(free_port())],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("GEMINI_")},
+    )
     lines: list[str] = []
     deadline = time.monotonic() + 60
     assert proc.stdout is not None

@@ -35,17 +35,27 @@ from worker.store.base import Store
 from worker.store.postgres import PostgresStore
 
 MODEL = "gemini-test"
-CONFIG = GenerationConfig(default_model=MODEL, allowed_models=[MODEL], flush_interval_s=0.05,
-                          flush_chars=300, section_retries=2, retry_pause_s=0.01,
-                          max_rate_limit_wait_s=5)
+CONFIG = GenerationConfig(
+    default_model=MODEL,
+    allowed_models=[MODEL],
+    flush_interval_s=0.05,
+    flush_chars=300,
+    section_retries=2,
+    retry_pause_s=0.01,
+    max_rate_limit_wait_s=5,
+)
 OPTIONS = {"sections": 3, "target_words": 600}
 RETRIED = "status = 'pending' and retry_count = 1"
 
 
 @pytest.fixture
 async def model(fake_gemini: FakeGemini) -> AsyncIterator[GeminiModel]:
-    m = GeminiModel(api_key="test-key-123", base_url=fake_gemini.base_url, idle_timeout_s=0.5,
-                    request_timeout_s=30)
+    m = GeminiModel(
+        api_key="test-key-123",
+        base_url=fake_gemini.base_url,
+        idle_timeout_s=0.5,
+        request_timeout_s=30,
+    )
     yield m
     await m.aclose()
 
@@ -57,20 +67,28 @@ async def store(db_dsn: str) -> AsyncIterator[PostgresStore]:
     await s.close()
 
 
-async def generate(store: Store, model: GeminiModel, conn: asyncpg.Connection,
-                   job: str, *, config: GenerationConfig = CONFIG,
-                   until: str = "status = 'completed'",
-                   **runner_opts: Any) -> None:
+async def generate(
+    store: Store,
+    model: GeminiModel,
+    conn: asyncpg.Connection,
+    job: str,
+    *,
+    config: GenerationConfig = CONFIG,
+    until: str = "status = 'completed'",
+    **runner_opts: Any,
+) -> None:
     handlers = build_handlers(ChapterHandler(model, config))
     async with running(store, handlers, **runner_opts):
-        await wait_until(lambda: conn.fetchval(
-            f"select {until} from job_queue where id = $1", job), timeout=30)
+        await wait_until(
+            lambda: conn.fetchval(f"select {until} from job_queue where id = $1", job), timeout=30
+        )
 
 
 def section_texts(fake: FakeGemini) -> list[str]:
     """What the fake streamed for each successful section request, in order."""
-    return [fake.expected_text(r.prompt) for r in fake.requests
-            if "streamGenerateContent" in r.path]
+    return [
+        fake.expected_text(r.prompt) for r in fake.requests if "streamGenerateContent" in r.path
+    ]
 
 
 async def chapter_row(conn: asyncpg.Connection, chapter: str) -> asyncpg.Record:
@@ -92,8 +110,9 @@ async def test_happy_path_text_progress_and_writes(conn, store, model, fake_gemi
     assert len(outline["bullets"]) == 3 and row["title"] == outline["title"]
     assert json.loads(row["generation_state"])["sections_done"] == 3
 
-    log = await conn.fetch("select * from test_progress_log where chapter_id = $1 order by id",
-                           chapter)
+    log = await conn.fetch(
+        "select * from test_progress_log where chapter_id = $1 order by id", chapter
+    )
     progress = [r["progress"] for r in log]
     assert progress == sorted(progress) and progress[-1] == 100
     assert 10 in progress and max(p for p in progress if p < 100) == 95
@@ -101,8 +120,7 @@ async def test_happy_path_text_progress_and_writes(conn, store, model, fake_gemi
     assert any(s.startswith("section 2/3: ") for s in steps)
     # Buffered: far fewer writes than streamed chunks, and never a write without text
     # growth except the outline, the per-section checkpoints and the status changes.
-    appends = [r for a, r in itertools.pairwise(log)
-               if r["content_length"] > a["content_length"]]
+    appends = [r for a, r in itertools.pairwise(log) if r["content_length"] > a["content_length"]]
     chunks = sum(len(t) // fake_gemini.chunk_chars + 1 for t in sections)
     assert 3 <= len(appends) < chunks
 
@@ -127,12 +145,20 @@ async def test_chapter_through_the_rest_adapter(db_dsn, conn, model, fake_gemini
     assert gateway.count("rpc/complete_job") == 1
 
 
-@pytest.mark.parametrize("fault", [
-    http_error(503), disconnect_after(2), stall_after(2, 2.0), truncate_after(2),
-    midstream_error(2),
-], ids=["503", "disconnect", "stall", "truncated", "midstream-error"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        http_error(503),
+        disconnect_after(2),
+        stall_after(2, 2.0),
+        truncate_after(2),
+        midstream_error(2),
+    ],
+    ids=["503", "disconnect", "stall", "truncated", "midstream-error"],
+)
 async def test_transient_stream_faults_retry_the_section_without_duplicates(
-        conn, store, model, fake_gemini, fault) -> None:
+    conn, store, model, fake_gemini, fault
+) -> None:
     _, chapter, job = await chapter_job(conn, options=OPTIONS)
     fake_gemini.script(ok(), ok(), fault)  # outline, section 1, then section 2 breaks
     await generate(store, model, conn, job)
@@ -159,8 +185,9 @@ async def test_long_rate_limit_fails_the_job_as_retryable(conn, store, model, fa
     _, chapter, job = await chapter_job(conn, options=OPTIONS)
     fake_gemini.script(http_error(429, retry_delay="3600s"))
     await generate(store, model, conn, job, until=RETRIED)
-    details = json.loads(await conn.fetchval(
-        "select error_details from job_queue where id = $1", job))
+    details = json.loads(
+        await conn.fetchval("select error_details from job_queue where id = $1", job)
+    )
     assert details["type"] == "rate_limited" and details["retryable"] is True
     assert details["retry_in_s"] >= 3600
     row = await chapter_row(conn, chapter)
@@ -168,7 +195,8 @@ async def test_long_rate_limit_fails_the_job_as_retryable(conn, store, model, fa
 
 
 async def test_persistent_outage_fails_retryable_after_section_retries(
-        conn, store, model, fake_gemini) -> None:
+    conn, store, model, fake_gemini
+) -> None:
     _, chapter, job = await chapter_job(conn, options=OPTIONS)
     fake_gemini.script(ok(), ok(), *[http_error(503)] * 3)
     await generate(store, model, conn, job, until=RETRIED)
@@ -179,11 +207,17 @@ async def test_persistent_outage_fails_retryable_after_section_retries(
     assert state["sections_done"] == 1  # the checkpoint survives for the retry
 
 
-@pytest.mark.parametrize("fault,kind", [
-    (safety(2), "safety_block"), (safety(1, "RECITATION"), "recitation"),
-], ids=["safety", "recitation"])
+@pytest.mark.parametrize(
+    "fault,kind",
+    [
+        (safety(2), "safety_block"),
+        (safety(1, "RECITATION"), "recitation"),
+    ],
+    ids=["safety", "recitation"],
+)
 async def test_safety_endings_fail_permanently_with_a_readable_message(
-        conn, store, model, fake_gemini, fault, kind) -> None:
+    conn, store, model, fake_gemini, fault, kind
+) -> None:
     _, chapter, job = await chapter_job(conn, options=OPTIONS)
     fake_gemini.script(ok(), fault)
     await generate(store, model, conn, job, until="status = 'failed'")
@@ -201,8 +235,9 @@ async def test_blocked_prompt_fails_permanently(conn, store, model, fake_gemini)
     fake_gemini.script(blocked_prompt())
     await generate(store, model, conn, job, until="status = 'failed'")
     assert (await chapter_row(conn, chapter))["error_message"]
-    details = json.loads(await conn.fetchval(
-        "select error_details from job_queue where id = $1", job))
+    details = json.loads(
+        await conn.fetchval("select error_details from job_queue where id = $1", job)
+    )
     assert details["type"] == "safety_block"
 
 
@@ -224,20 +259,26 @@ async def test_malformed_outline_is_retried(conn, store, model, fake_gemini) -> 
     assert len(outline_calls) == 2
 
 
-@pytest.mark.parametrize("payload_options,needle", [
-    ({"sections": 40}, "options.sections"),
-    ({"target_words": 50}, "options.target_words"),
-    ({"model": "gpt-5"}, "not allowed"),
-    ({"tense": "future"}, "options.tense"),
-    ({"instructions": "x" * 2500}, "at most 2000"),
-    ({"colour": "blue"}, "unknown option"),
-], ids=["sections", "words", "model", "tense", "instructions", "unknown"])
+@pytest.mark.parametrize(
+    "payload_options,needle",
+    [
+        ({"sections": 40}, "options.sections"),
+        ({"target_words": 50}, "options.target_words"),
+        ({"model": "gpt-5"}, "not allowed"),
+        ({"tense": "future"}, "options.tense"),
+        ({"instructions": "x" * 2500}, "at most 2000"),
+        ({"colour": "blue"}, "unknown option"),
+    ],
+    ids=["sections", "words", "model", "tense", "instructions", "unknown"],
+)
 async def test_bad_payload_fails_before_any_model_call(
-        conn, store, model, fake_gemini, payload_options, needle) -> None:
+    conn, store, model, fake_gemini, payload_options, needle
+) -> None:
     _, chapter, job = await chapter_job(conn, options=payload_options)
     await generate(store, model, conn, job, until="status = 'failed'")
-    details = json.loads(await conn.fetchval(
-        "select error_details from job_queue where id = $1", job))
+    details = json.loads(
+        await conn.fetchval("select error_details from job_queue where id = $1", job)
+    )
     assert details["type"] == "bad_payload" and needle in details["message"]
     assert needle in (await chapter_row(conn, chapter))["error_message"]
     assert fake_gemini.requests == []
@@ -248,8 +289,11 @@ async def test_cancel_stops_the_stream_and_keeps_text(conn, store, model, fake_g
     fake_gemini.default = ok(delay_s=0.1, chunk_chars=20)
     handlers = build_handlers(ChapterHandler(model, CONFIG))
     async with running(store, handlers, heartbeat_interval_s=0.2) as runner:
-        await wait_until(lambda: conn.fetchval(
-            "select char_length(content) > 100 from chapters where id = $1", chapter))
+        await wait_until(
+            lambda: conn.fetchval(
+                "select char_length(content) > 100 from chapters where id = $1", chapter
+            )
+        )
         async with as_role(conn, "authenticated", user):
             assert await conn.fetchval("select cancel_job($1)", job)
         await wait_until(lambda: not runner.in_flight, timeout=1.0)
@@ -278,17 +322,22 @@ async def run_uninterrupted(pg_server: PgTestServer, model: GeminiModel) -> str:
 
 
 async def test_pause_and_resume_continue_at_the_next_section(
-        conn, store, model, fake_gemini, pg_server) -> None:
+    conn, store, model, fake_gemini, pg_server
+) -> None:
     reference = await run_uninterrupted(pg_server, model)
     fake_gemini.reset()
     user, chapter, job = await chapter_job(conn, options=OPTIONS)
     fake_gemini.default = ok(delay_s=0.05, chunk_chars=20)
     handlers = build_handlers(ChapterHandler(model, CONFIG))
     async with running(store, handlers, heartbeat_interval_s=0.2) as runner:
-        await wait_until(lambda: conn.fetchval(
-            "select (generation_state->>'sections_done')::int = 1 and status = 'generating'"
-            " and char_length(content) > (generation_state->>'content_length')::int + 40"
-            " from chapters where id = $1", chapter))
+        await wait_until(
+            lambda: conn.fetchval(
+                "select (generation_state->>'sections_done')::int = 1 and status = 'generating'"
+                " and char_length(content) > (generation_state->>'content_length')::int + 40"
+                " from chapters where id = $1",
+                chapter,
+            )
+        )
         async with as_role(conn, "authenticated", user):
             assert await conn.fetchval("select pause_job($1)", job)
         await wait_until(lambda: not runner.in_flight, timeout=1.0)
@@ -296,8 +345,10 @@ async def test_pause_and_resume_continue_at_the_next_section(
         assert paused["status"] == "paused"
         async with as_role(conn, "authenticated", user):
             assert await conn.fetchval("select resume_job($1)", job)
-        await wait_until(lambda: conn.fetchval(
-            "select status = 'completed' from job_queue where id = $1", job), timeout=30)
+        await wait_until(
+            lambda: conn.fetchval("select status = 'completed' from job_queue where id = $1", job),
+            timeout=30,
+        )
     row = await chapter_row(conn, chapter)
     assert row["content"] == reference
     assert await conn.fetchval("select retry_count from job_queue where id = $1", job) == 0
@@ -306,17 +357,22 @@ async def test_pause_and_resume_continue_at_the_next_section(
 
 
 async def test_kill_and_rescue_mid_section_gives_the_same_text(
-        conn, store, model, fake_gemini, pg_server) -> None:
+    conn, store, model, fake_gemini, pg_server
+) -> None:
     reference = await run_uninterrupted(pg_server, model)
     fake_gemini.reset()
     _, chapter, job = await chapter_job(conn, options=OPTIONS, lease_timeout_s=1)
     fake_gemini.default = ok(delay_s=0.05, chunk_chars=20)
     handlers = build_handlers(ChapterHandler(model, CONFIG))
     async with running(store, handlers, worker_id="doomed", heartbeat_interval_s=0.2) as doomed:
-        await wait_until(lambda: conn.fetchval(
-            "select (generation_state->>'sections_done')::int = 1"
-            " and char_length(content) > (generation_state->>'content_length')::int + 40"
-            " from chapters where id = $1", chapter))
+        await wait_until(
+            lambda: conn.fetchval(
+                "select (generation_state->>'sections_done')::int = 1"
+                " and char_length(content) > (generation_state->>'content_length')::int + 40"
+                " from chapters where id = $1",
+                chapter,
+            )
+        )
         # "kill -9": the task dies without a word to the database.
         for entry in doomed.in_flight.values():
             entry.stop_reason = "killed"

@@ -130,9 +130,7 @@ async def test_stall_shorter_than_idle_timeout_is_fine(
     assert stream.finish_reason == "STOP"
 
 
-async def test_outline_parses_structured_json(
-    fake_gemini: FakeGemini, gemini: GeminiModel
-) -> None:
+async def test_outline_parses_structured_json(fake_gemini: FakeGemini, gemini: GeminiModel) -> None:
     outline, usage = await gemini.outline(model=MODEL, system=SYSTEM, prompt=PROMPT)
     expected = fake_gemini.expected_outline(PROMPT)
     assert outline == Outline(title=expected["title"], bullets=expected["bullets"])
@@ -229,8 +227,11 @@ async def test_connect_timeout_applies() -> None:
             pass
         fillers.append(filler)
     model = GeminiModel(
-        api_key=KEY, base_url=f"http://127.0.0.1:{port}", connect_timeout_s=0.3,
-        idle_timeout_s=10, request_timeout_s=10,
+        api_key=KEY,
+        base_url=f"http://127.0.0.1:{port}",
+        connect_timeout_s=0.3,
+        idle_timeout_s=10,
+        request_timeout_s=10,
     )
     started = time.monotonic()
     try:
@@ -247,13 +248,28 @@ async def test_connect_timeout_applies() -> None:
 # -- fault classification -----------------------------------------------------------
 
 FAULTS: list[tuple[str, Behaviour, type[JobError], str, float | None]] = [
-    ("429 retryDelay 53s", http_error(429, retry_delay="53s"), RetryableJobError,
-     "rate_limited", 53.0),
-    ("429 retryDelay 1.5s", http_error(429, retry_delay="1.5s"), RetryableJobError,
-     "rate_limited", 1.5),
+    (
+        "429 retryDelay 53s",
+        http_error(429, retry_delay="53s"),
+        RetryableJobError,
+        "rate_limited",
+        53.0,
+    ),
+    (
+        "429 retryDelay 1.5s",
+        http_error(429, retry_delay="1.5s"),
+        RetryableJobError,
+        "rate_limited",
+        1.5,
+    ),
     ("429 no RetryInfo", http_error(429), RetryableJobError, "rate_limited", 30.0),
-    ("429 daily quota", http_error(429, retry_delay="20s", quota_id=DAILY), RetryableJobError,
-     "rate_limited", 3600.0),
+    (
+        "429 daily quota",
+        http_error(429, retry_delay="20s", quota_id=DAILY),
+        RetryableJobError,
+        "rate_limited",
+        3600.0,
+    ),
     ("500", http_error(500), RetryableJobError, "model_unavailable", None),
     ("503", http_error(503), RetryableJobError, "model_unavailable", None),
     ("504", http_error(504), RetryableJobError, "model_unavailable", None),
@@ -268,8 +284,7 @@ FAULTS: list[tuple[str, Behaviour, type[JobError], str, float | None]] = [
     ("empty stream", truncate_after(0), RetryableJobError, "stream_truncated", None),
     ("mid-stream 500", midstream_error(2), RetryableJobError, "stream_interrupted", None),
     ("mid-stream 503", midstream_error(1, 503), RetryableJobError, "stream_interrupted", None),
-    ("error as first event", midstream_error(0, 503), RetryableJobError,
-     "model_unavailable", None),
+    ("error as first event", midstream_error(0, 503), RetryableJobError, "model_unavailable", None),
     ("safety", safety(2), PermanentJobError, "safety_block", None),
     ("prohibited", finish_with("PROHIBITED_CONTENT"), PermanentJobError, "safety_block", None),
     ("blocklist", finish_with("BLOCKLIST"), PermanentJobError, "safety_block", None),
@@ -278,8 +293,13 @@ FAULTS: list[tuple[str, Behaviour, type[JobError], str, float | None]] = [
     ("language", finish_with("LANGUAGE"), PermanentJobError, "safety_block", None),
     ("recitation", finish_with("RECITATION"), PermanentJobError, "recitation", None),
     ("blocked prompt", blocked_prompt(), PermanentJobError, "safety_block", None),
-    ("malformed response", finish_with("MALFORMED_RESPONSE"), RetryableJobError,
-     "model_output_invalid", None),
+    (
+        "malformed response",
+        finish_with("MALFORMED_RESPONSE"),
+        RetryableJobError,
+        "model_output_invalid",
+        None,
+    ),
 ]
 
 
@@ -382,16 +402,20 @@ async def test_outline_invalid_output_is_retryable(
         assert info.value.kind == "model_output_invalid"
 
 
-async def test_outline_errors_are_classified(
-    fake_gemini: FakeGemini, gemini: GeminiModel
-) -> None:
+async def test_outline_errors_are_classified(fake_gemini: FakeGemini, gemini: GeminiModel) -> None:
     fake_gemini.script(
-        http_error(429, retry_delay="7s"), http_error(404), blocked_prompt(),
-        finish_with("SAFETY"), http_error(503),
+        http_error(429, retry_delay="7s"),
+        http_error(404),
+        blocked_prompt(),
+        finish_with("SAFETY"),
+        http_error(503),
     )
     expected = [
-        ("rate_limited", 7.0), ("model_request_rejected", None), ("safety_block", None),
-        ("safety_block", None), ("model_unavailable", None),
+        ("rate_limited", 7.0),
+        ("model_request_rejected", None),
+        ("safety_block", None),
+        ("safety_block", None),
+        ("model_unavailable", None),
     ]
     for kind, retry_after in expected:
         with pytest.raises(JobError) as info:

@@ -15,12 +15,20 @@ from worker.store.base import Store
 
 
 @asynccontextmanager
-async def running(store: Store, handlers: dict[str, Handler], **overrides: Any
-                  ) -> AsyncIterator[Runner]:
+async def running(
+    store: Store, handlers: dict[str, Handler], **overrides: Any
+) -> AsyncIterator[Runner]:
     """Run a Runner in the background; stop and await it on exit."""
-    cfg = dict(worker_id="test-worker", concurrency=50, poll_interval_s=0.05,
-               poll_max_interval_s=0.2, heartbeat_interval_s=0.3, retry_base_s=0.1,
-               retry_max_s=0.5, shutdown_grace_s=1.0)
+    cfg = dict(
+        worker_id="test-worker",
+        concurrency=50,
+        poll_interval_s=0.05,
+        poll_max_interval_s=0.2,
+        heartbeat_interval_s=0.3,
+        retry_base_s=0.1,
+        retry_max_s=0.5,
+        shutdown_grace_s=1.0,
+    )
     cfg.update(overrides)
     runner = Runner(store, RunnerConfig(**cfg), handlers, Metrics())
     task = asyncio.create_task(runner.run())
@@ -31,8 +39,11 @@ async def running(store: Store, handlers: dict[str, Handler], **overrides: Any
         await asyncio.wait_for(task, 30)
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0,  # noqa: ASYNC109
-                     every: float = 0.05) -> None:
+async def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 20.0,  # noqa: ASYNC109
+    every: float = 0.05,
+) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         value = predicate()

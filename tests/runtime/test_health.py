@@ -22,8 +22,10 @@ async def served(db_dsn, conn):  # type: ignore[no-untyped-def]
     port = free_port()
     monitor = LoopMonitor()
     mon = asyncio.create_task(monitor.run())
-    async with open_store("postgres", db_dsn) as store, \
-            running(store, {"noop": noop}, shutdown_grace_s=0.1) as runner:
+    async with (
+        open_store("postgres", db_dsn) as store,
+        running(store, {"noop": noop}, shutdown_grace_s=0.1) as runner,
+    ):
         site = await start_health_server(runner, monitor, "127.0.0.1", port)
         await wait_until(lambda: len(runner.in_flight) == 2)
         async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}") as http:
@@ -82,6 +84,7 @@ async def test_unhealthy_when_a_side_task_dies(served) -> None:
 
 async def test_side_task_death_stops_the_runner(db_dsn) -> None:
     async with open_store("postgres", db_dsn) as store:
+
         async def broken_heartbeat() -> None:
             raise RuntimeError("boom")
 
@@ -112,6 +115,5 @@ def test_watchdog_exits_when_the_loop_is_blocked() -> None:
         "    time.sleep(30)  # a blocking call freezes the loop\n"
         "asyncio.run(main())\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=20)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
     assert proc.returncode == 70, proc.stderr

@@ -31,20 +31,37 @@ pytestmark = pytest.mark.slow
 
 
 def worker_env(dsn: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SUPABASE_", "GEMINI_", "DATABASE_", "WORKER_"))}
-    env.update(DATABASE_URL=dsn, GENERATION_PROVIDER="offline", APP_ENV="test",
-               HEALTH_CHECK_PORT=str(free_port()), HEARTBEAT_INTERVAL_S="0.5",
-               POLL_INTERVAL_MS="100", POLL_MAX_INTERVAL_MS="300", SHUTDOWN_GRACE_S="1",
-               LOG_FORMAT="json", LOG_LEVEL="INFO", RETRY_BASE_S="0.2", RETRY_MAX_S="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SUPABASE_", "GEMINI_", "DATABASE_", "WORKER_"))
+    }
+    env.update(
+        DATABASE_URL=dsn,
+        GENERATION_PROVIDER="offline",
+        APP_ENV="test",
+        HEALTH_CHECK_PORT=str(free_port()),
+        HEARTBEAT_INTERVAL_S="0.5",
+        POLL_INTERVAL_MS="100",
+        POLL_MAX_INTERVAL_MS="300",
+        SHUTDOWN_GRACE_S="1",
+        LOG_FORMAT="json",
+        LOG_LEVEL="INFO",
+        RETRY_BASE_S="0.2",
+        RETRY_MAX_S="1",
+    )
     env.update(extra)
     return env
 
 
 @contextmanager
 def worker_process(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         yield proc
     finally:
@@ -58,8 +75,9 @@ async def test_sigterm_releases_in_flight_jobs_and_exits_0(db_dsn: str, conn) ->
     await conn.execute("update job_queue set job_payload = '{\"sleep_s\": 60}'")
     secret = "AIzaSyTEST-never-log-this-key-0123456789"
     with worker_process(worker_env(db_dsn, GEMINI_API_KEY=secret, LOG_LEVEL="DEBUG")) as proc:
-        await wait_until(lambda: conn.fetchval(
-            "select count(*) = 3 from job_queue where status = 'processing'"))
+        await wait_until(
+            lambda: conn.fetchval("select count(*) = 3 from job_queue where status = 'processing'")
+        )
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 20)
         output = proc.stdout.read().decode()  # type: ignore[union-attr]
@@ -81,11 +99,16 @@ async def reference_text(pg_server: PgTestServer, env: dict[str, str], options: 
     try:
         _, chapter, job = await chapter_job(conn, options=options)
         settings = load_settings({**env, "DATABASE_URL": dsn}, dotenv=False)
-        handlers = build_handlers(ChapterHandler(OfflineModel(chunk_delay_s=0),
-                                                 generation_config(settings)))
+        handlers = build_handlers(
+            ChapterHandler(OfflineModel(chunk_delay_s=0), generation_config(settings))
+        )
         async with running(store, handlers):
-            await wait_until(lambda: conn.fetchval(
-                "select status = 'completed' from job_queue where id = $1", job), timeout=60)
+            await wait_until(
+                lambda: conn.fetchval(
+                    "select status = 'completed' from job_queue where id = $1", job
+                ),
+                timeout=60,
+            )
         return await conn.fetchval("select content from chapters where id = $1", chapter)
     finally:
         await store.close()
@@ -94,21 +117,29 @@ async def reference_text(pg_server: PgTestServer, env: dict[str, str], options: 
 
 
 async def test_kill_9_mid_chapter_is_rescued_by_a_second_worker(
-        pg_server: PgTestServer, db_dsn: str, conn) -> None:
+    pg_server: PgTestServer, db_dsn: str, conn
+) -> None:
     options = {"sections": 3, "target_words": 900}
     reference = await reference_text(pg_server, worker_env(db_dsn), options)
     _, chapter, job = await chapter_job(conn, options=options, lease_timeout_s=2)
     with worker_process(worker_env(db_dsn, WORKER_ID="victim", FLUSH_INTERVAL_MS="100")) as a:
-        await wait_until(lambda: conn.fetchval(
-            "select coalesce((generation_state->>'sections_done')::int, 0) >= 1"
-            " and char_length(content) > (generation_state->>'content_length')::int"
-            " from chapters where id = $1", chapter), timeout=30)
+        await wait_until(
+            lambda: conn.fetchval(
+                "select coalesce((generation_state->>'sections_done')::int, 0) >= 1"
+                " and char_length(content) > (generation_state->>'content_length')::int"
+                " from chapters where id = $1",
+                chapter,
+            ),
+            timeout=30,
+        )
         a.kill()  # SIGKILL: no release, no final write
         a.wait(10)
     assert await conn.fetchval("select status from job_queue where id = $1", job) == "processing"
     with worker_process(worker_env(db_dsn, WORKER_ID="rescuer")):
-        await wait_until(lambda: conn.fetchval(
-            "select status = 'completed' from job_queue where id = $1", job), timeout=60)
+        await wait_until(
+            lambda: conn.fetchval("select status = 'completed' from job_queue where id = $1", job),
+            timeout=60,
+        )
     row = await conn.fetchrow("select * from job_queue where id = $1", job)
     assert row["worker_id"] == "rescuer" and row["retry_count"] == 1
     result = json.loads(row["job_result"])
@@ -119,15 +150,28 @@ async def test_kill_9_mid_chapter_is_rescued_by_a_second_worker(
 
 
 async def test_config_error_is_one_message_and_exit_2() -> None:
-    env = {"PATH": os.environ.get("PATH", ""), "WORKER_CONCURRENCY": "lots",
-           "SUPABASE_URL": "not-a-url"}
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "WORKER_CONCURRENCY": "lots",
+        "SUPABASE_URL": "not-a-url",
+    }
     proc = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "worker", "run"], env=env, capture_output=True,
-        text=True, timeout=30, cwd="/")
+        subprocess.run,
+        [sys.executable, "-m", "worker", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+    )
     assert proc.returncode == 2
     err = proc.stderr
-    for name in ("WORKER_CONCURRENCY", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY",
-                 "GEMINI_API_KEY"):
+    for name in (
+        "WORKER_CONCURRENCY",
+        "SUPABASE_URL",
+        "SUPABASE_SERVICE_ROLE_KEY",
+        "GEMINI_API_KEY",
+    ):
         assert name in err, err
     assert err.count("configuration error") == 1 and "Traceback" not in err
 
@@ -144,8 +188,9 @@ async def test_database_outage_is_survived(pg_server: PgTestServer, db_dsn: str)
     monitor = LoopMonitor()
     mon = asyncio.create_task(monitor.run())
     try:
-        async with running(store, {"noop": noop}, concurrency=5, heartbeat_interval_s=0.5
-                           ) as runner:
+        async with running(
+            store, {"noop": noop}, concurrency=5, heartbeat_interval_s=0.5
+        ) as runner:
             health = await start_health_server(runner, monitor, "127.0.0.1", port)
             async with aiohttp.ClientSession() as http:
                 await asyncio.sleep(0.8)
@@ -160,9 +205,12 @@ async def test_database_outage_is_survived(pg_server: PgTestServer, db_dsn: str)
                     await asyncio.to_thread(pg_server.cluster.start)
                 conn = await asyncpg.connect(db_dsn)
                 try:
-                    await wait_until(lambda: conn.fetchval(
-                        "select count(*) = 30 from job_queue where status = 'completed'"),
-                        timeout=60)
+                    await wait_until(
+                        lambda: conn.fetchval(
+                            "select count(*) = 30 from job_queue where status = 'completed'"
+                        ),
+                        timeout=60,
+                    )
                 finally:
                     await conn.close()
                 await wait_until(lambda: runner.consecutive_store_errors == 0, timeout=5)

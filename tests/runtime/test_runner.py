@@ -20,7 +20,8 @@ from worker.runner import JobContext, retry_delay
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
 async def test_200_jobs_at_concurrency_50_complete_exactly_once(
-        adapter: str, db_dsn: str, conn: asyncpg.Connection) -> None:
+    adapter: str, db_dsn: str, conn: asyncpg.Connection
+) -> None:
     ids = await insert_jobs(conn, 200, job_type="work")
     runs: collections.Counter[str] = collections.Counter()
     active = 0
@@ -36,13 +37,19 @@ async def test_200_jobs_at_concurrency_50_complete_exactly_once(
         return {"n": ctx.job.job_payload["n"]}
 
     async with open_store(adapter, db_dsn) as store, running(store, {"work": work}) as runner:
-        await wait_until(lambda: conn.fetchval(
-            "select count(*) = 200 from job_queue where status = 'completed'"), timeout=60)
+        await wait_until(
+            lambda: conn.fetchval(
+                "select count(*) = 200 from job_queue where status = 'completed'"
+            ),
+            timeout=60,
+        )
     assert sorted(runs) == sorted(ids) and set(runs.values()) == {1}
     assert 1 < peak <= 50
     results = await conn.fetch("select job_payload, job_result from job_queue")
-    assert all(r["job_payload"] and json.loads(r["job_result"])["n"] ==
-               json.loads(r["job_payload"])["n"] for r in results)
+    assert all(
+        r["job_payload"] and json.loads(r["job_result"])["n"] == json.loads(r["job_payload"])["n"]
+        for r in results
+    )
     assert runner.metrics.completed.labels("work")._value.get() == 200
 
 
@@ -56,18 +63,22 @@ async def test_never_more_than_concurrency_in_flight(db_dsn: str, conn) -> None:
         await asyncio.sleep(0.2)
         return {}
 
-    async with open_store("postgres", db_dsn) as store, \
-            running(store, {"slow": slow}, concurrency=3) as runner:
-        await wait_until(lambda: conn.fetchval(
-            "select count(*) = 12 from job_queue where status = 'completed'"))
+    async with (
+        open_store("postgres", db_dsn) as store,
+        running(store, {"slow": slow}, concurrency=3) as runner,
+    ):
+        await wait_until(
+            lambda: conn.fetchval("select count(*) = 12 from job_queue where status = 'completed'")
+        )
     assert peak == 3
 
 
 async def test_unknown_type_fails_at_once(db_dsn: str, conn) -> None:
     [jid] = await insert_jobs(conn, 1, job_type="mystery")
     async with open_store("postgres", db_dsn) as store, running(store, {}):
-        await wait_until(lambda: conn.fetchval(
-            "select status = 'failed' from job_queue where id = $1", jid))
+        await wait_until(
+            lambda: conn.fetchval("select status = 'failed' from job_queue where id = $1", jid)
+        )
     job = await conn.fetchrow("select * from job_queue where id = $1", jid)
     details = json.loads(job["error_details"])
     assert job["retry_count"] == 0
@@ -85,18 +96,23 @@ async def test_transient_error_retries_with_backoff_then_fails(db_dsn: str, conn
         raise RetryableJobError("Gemini 503", kind="model_unavailable")
 
     async with open_store("postgres", db_dsn) as store, running(store, {"flaky": flaky}):
-        await wait_until(lambda: conn.fetchval(
-            "select status = 'failed' from job_queue where id = $1", jid))
+        await wait_until(
+            lambda: conn.fetchval("select status = 'failed' from job_queue where id = $1", jid)
+        )
     assert attempts == [1, 2, 3]
     job = await conn.fetchrow("select * from job_queue where id = $1", jid)
     assert job["retry_count"] == 2
     details = json.loads(job["error_details"])
     assert details["type"] == "model_unavailable" and details["retryable"] is True
     assert details["will_retry"] is False and details["attempt"] == 3
-    events = await conn.fetch("select from_status, to_status, details from job_events"
-                              " where job_id = $1 order by id", jid)
-    retries = [json.loads(e["details"])["error"] for e in events
-               if (e["from_status"], e["to_status"]) == ("processing", "pending")]
+    events = await conn.fetch(
+        "select from_status, to_status, details from job_events where job_id = $1 order by id", jid
+    )
+    retries = [
+        json.loads(e["details"])["error"]
+        for e in events
+        if (e["from_status"], e["to_status"]) == ("processing", "pending")
+    ]
     assert len(retries) == 2 and all(r["will_retry"] and r["retry_in_s"] > 0 for r in retries)
 
 
@@ -107,10 +123,10 @@ async def test_permanent_error_fails_without_retry(db_dsn: str, conn) -> None:
         raise PermanentJobError("sections must be 2..12", kind="bad_payload")
 
     async with open_store("postgres", db_dsn) as store, running(store, {"bad": bad}):
-        await wait_until(lambda: conn.fetchval(
-            "select status = 'failed' from job_queue where id = $1", jid))
-    job = await conn.fetchrow("select retry_count, error_details from job_queue where id = $1",
-                              jid)
+        await wait_until(
+            lambda: conn.fetchval("select status = 'failed' from job_queue where id = $1", jid)
+        )
+    job = await conn.fetchrow("select retry_count, error_details from job_queue where id = $1", jid)
     assert job["retry_count"] == 0
     assert json.loads(job["error_details"])["message"] == "sections must be 2..12"
 
@@ -118,8 +134,11 @@ async def test_permanent_error_fails_without_retry(db_dsn: str, conn) -> None:
 async def test_lost_lease_cancels_handler_and_stops_writes(db_dsn: str, conn) -> None:
     user = await create_user(conn)
     chapter = await create_chapter(conn, await create_story(conn, user), user)
-    jid = await conn.fetchval("insert into job_queue (job_type, job_payload, user_id) values"
-                              " ('writer', '{}', $1) returning id", user)
+    jid = await conn.fetchval(
+        "insert into job_queue (job_type, job_payload, user_id) values"
+        " ('writer', '{}', $1) returning id",
+        user,
+    )
     await conn.execute("update chapters set generation_job_id = $1 where id = $2", jid, chapter)
     stopped = asyncio.Event()
     refused = 0
@@ -130,8 +149,14 @@ async def test_lost_lease_cancels_handler_and_stops_writes(db_dsn: str, conn) ->
         offset = 0
         try:
             while True:
-                if not await ctx.store.append_chapter(ctx.job.id, ctx.worker_id, offset=offset,
-                                                      text="x", progress=20, current_step="s"):
+                if not await ctx.store.append_chapter(
+                    ctx.job.id,
+                    ctx.worker_id,
+                    offset=offset,
+                    text="x",
+                    progress=20,
+                    current_step="s",
+                ):
                     refused += 1
                     raise LeaseLost("append refused")
                 offset += 1
@@ -140,15 +165,20 @@ async def test_lost_lease_cancels_handler_and_stops_writes(db_dsn: str, conn) ->
             stopped.set()
 
     async with open_store("postgres", db_dsn) as store, running(store, {"writer": writer}):
-        await wait_until(lambda: conn.fetchval(
-            "select char_length(content) > 5 from chapters where id = $1", chapter))
+        await wait_until(
+            lambda: conn.fetchval(
+                "select char_length(content) > 5 from chapters where id = $1", chapter
+            )
+        )
         await conn.execute("update job_queue set worker_id = 'thief' where id = $1", jid)
-        stolen_at = await conn.fetchval("select char_length(content) from chapters where id = $1",
-                                        chapter)
+        stolen_at = await conn.fetchval(
+            "select char_length(content) from chapters where id = $1", chapter
+        )
         await asyncio.wait_for(stopped.wait(), 1.0)
         await asyncio.sleep(0.5)
-        after = await conn.fetchval("select char_length(content) from chapters where id = $1",
-                                    chapter)
+        after = await conn.fetchval(
+            "select char_length(content) from chapters where id = $1", chapter
+        )
     assert after == stolen_at and refused == 1
     job = await conn.fetchrow("select status, worker_id from job_queue where id = $1", jid)
     assert (job["status"], job["worker_id"]) == ("processing", "thief")
@@ -163,8 +193,7 @@ async def test_cancel_job_stops_a_running_handler(db_dsn: str, conn) -> None:
         await asyncio.sleep(60)
         return {}
 
-    async with open_store("postgres", db_dsn) as store, \
-            running(store, {"long": long}) as runner:
+    async with open_store("postgres", db_dsn) as store, running(store, {"long": long}) as runner:
         await asyncio.wait_for(started.wait(), 5)
         await conn.execute("update job_queue set status = 'cancelled' where id = $1", jid)
         await wait_until(lambda: not runner.in_flight, timeout=2)
@@ -174,8 +203,10 @@ async def test_cancel_job_stops_a_running_handler(db_dsn: str, conn) -> None:
 async def test_shutdown_releases_unfinished_jobs_without_using_attempts(db_dsn, conn) -> None:
     await insert_jobs(conn, 3, job_type="noop")
     await conn.execute("update job_queue set job_payload = '{\"sleep_s\": 30}'")
-    async with open_store("postgres", db_dsn) as store, \
-            running(store, {"noop": noop}, shutdown_grace_s=0.3) as runner:
+    async with (
+        open_store("postgres", db_dsn) as store,
+        running(store, {"noop": noop}, shutdown_grace_s=0.3) as runner,
+    ):
         await wait_until(lambda: len(runner.in_flight) == 3)
     rows = await conn.fetch("select status, retry_count, worker_id from job_queue")
     assert {(r["status"], r["retry_count"], r["worker_id"]) for r in rows} == {("pending", 0, None)}
@@ -185,8 +216,10 @@ async def test_shutdown_releases_unfinished_jobs_without_using_attempts(db_dsn, 
 async def test_shutdown_waits_for_jobs_within_grace(db_dsn, conn) -> None:
     await insert_jobs(conn, 2, job_type="noop")
     await conn.execute("update job_queue set job_payload = '{\"sleep_s\": 0.3}'")
-    async with open_store("postgres", db_dsn) as store, \
-            running(store, {"noop": noop}, shutdown_grace_s=5) as runner:
+    async with (
+        open_store("postgres", db_dsn) as store,
+        running(store, {"noop": noop}, shutdown_grace_s=5) as runner,
+    ):
         await wait_until(lambda: len(runner.in_flight) == 2)
     assert await conn.fetchval("select count(*) from job_queue where status = 'completed'") == 2
 
@@ -195,15 +228,16 @@ async def test_startup_recovery_releases_own_jobs(db_dsn, conn) -> None:
     [jid] = await insert_jobs(conn, 1, job_type="noop")
     await conn.fetch("select * from claim_next_job_v3('test-worker', null, null)")
     async with open_store("postgres", db_dsn) as store, running(store, {"noop": noop}):
-        await wait_until(lambda: conn.fetchval(
-            "select status = 'completed' from job_queue where id = $1", jid))
+        await wait_until(
+            lambda: conn.fetchval("select status = 'completed' from job_queue where id = $1", jid)
+        )
     assert await conn.fetchval("select retry_count from job_queue where id = $1", jid) == 0
 
 
 def test_retry_delay_is_exponential_jittered_and_capped() -> None:
     for n in range(12):
         d = retry_delay(n, 5, 600)
-        cap = min(600, 5 * 2 ** n)
+        cap = min(600, 5 * 2**n)
         assert cap / 2 <= d <= cap
     assert retry_delay(0, 5, 600, server_hint_s=53) == 53
 
@@ -225,6 +259,7 @@ async def test_a_claim_cut_by_shutdown_is_released(db_dsn: str, conn) -> None:
         store.claim = slow_claim  # type: ignore[method-assign]
         async with running(store, {"noop": noop}):
             await asyncio.wait_for(entered.wait(), 5)
-    job = await conn.fetchrow("select status, retry_count, worker_id from job_queue where id = $1",
-                              jid)
+    job = await conn.fetchrow(
+        "select status, retry_count, worker_id from job_queue where id = $1", jid
+    )
     assert (job["status"], job["retry_count"], job["worker_id"]) == ("pending", 0, None)

@@ -109,12 +109,20 @@ async def _claim_plan(conn: asyncpg.Connection) -> str:
 
 
 async def test_realtime_publication_has_chapters_and_jobs(conn: asyncpg.Connection) -> None:
-    tables = {r["tablename"] for r in await conn.fetch(
-        "select tablename from pg_publication_tables where pubname = 'supabase_realtime'")}
+    tables = {
+        r["tablename"]
+        for r in await conn.fetch(
+            "select tablename from pg_publication_tables where pubname = 'supabase_realtime'"
+        )
+    }
     assert tables == {"chapters", "job_queue"}
     # Default replica identity: no REPLICA IDENTITY FULL on chapters (README "Database").
-    assert await conn.fetchval(
-        "select relreplident::text from pg_class where oid = 'public.chapters'::regclass") == "d"
+    assert (
+        await conn.fetchval(
+            "select relreplident::text from pg_class where oid = 'public.chapters'::regclass"
+        )
+        == "d"
+    )
 
 
 async def test_every_migration_ends_by_reloading_postgrest() -> None:

@@ -74,8 +74,9 @@ async def test_ping(store: SqlFunctionStore) -> None:
 async def test_claim_returns_claimed_job_then_none(store: SqlFunctionStore, conn) -> None:
     job = await insert_job(conn, payload={"n": 1, "nested": {"k": [1, 2]}})
     claimed = await store.claim(A, None, None)
-    assert claimed == ClaimedJob(job_id=job, job_type="noop",
-                                 job_payload={"n": 1, "nested": {"k": [1, 2]}}, retry_count=0)
+    assert claimed == ClaimedJob(
+        job_id=job, job_type="noop", job_payload={"n": 1, "nested": {"k": [1, 2]}}, retry_count=0
+    )
     assert isinstance(claimed.job_id, str)
     assert await store.claim(A, None, None) is None
     r = await row(conn, job)
@@ -120,7 +121,11 @@ async def test_get_job_returns_the_full_row(store: SqlFunctionStore, conn) -> No
     assert isinstance(job, Job)
     assert job.id == cj.job and isinstance(job.id, str)
     assert (job.job_type, job.job_lane, job.status, job.worker_id) == (
-        "chapter_generation", "default", "processing", A)
+        "chapter_generation",
+        "default",
+        "processing",
+        A,
+    )
     assert job.user_id == cj.user and isinstance(job.user_id, str)
     assert job.job_payload == {"chapter_id": cj.chapter, "story_id": cj.story}
     assert (job.priority, job.retry_count, job.max_retries, job.lease_timeout_s) == (0, 0, 3, 60)
@@ -130,8 +135,15 @@ async def test_get_job_returns_the_full_row(store: SqlFunctionStore, conn) -> No
     r = await row(conn, cj.job)
     assert job.started_at == r["started_at"] and job.created_at == r["created_at"]
     # The remaining columns travel in ``extra``.
-    assert {"heartbeat_at", "completed_at", "job_result", "progress", "current_step",
-            "idempotency_key", "updated_at"} <= set(job.extra)
+    assert {
+        "heartbeat_at",
+        "completed_at",
+        "job_result",
+        "progress",
+        "current_step",
+        "idempotency_key",
+        "updated_at",
+    } <= set(job.extra)
 
 
 async def test_get_job_unknown_id_is_none(store: SqlFunctionStore) -> None:
@@ -164,8 +176,9 @@ async def test_get_job_extra_timestamps_are_aware_datetimes(
 async def test_heartbeat_only_for_the_holder(store: SqlFunctionStore, conn) -> None:
     jid = await insert_job(conn)
     await store.claim(A, None, None)
-    await conn.execute("update job_queue set heartbeat_at = now() - interval '30 s'"
-                       " where id = $1", jid)
+    await conn.execute(
+        "update job_queue set heartbeat_at = now() - interval '30 s' where id = $1", jid
+    )
     before = (await row(conn, jid))["heartbeat_at"]
     assert await store.heartbeat(jid, A) is True
     assert (await row(conn, jid))["heartbeat_at"] > before
@@ -221,8 +234,14 @@ async def test_fail_retry_path(store: SqlFunctionStore, conn) -> None:
     jid = await insert_job(conn)
     await store.claim(A, None, None)
     retry_at = datetime.now(UTC) + timedelta(seconds=120)
-    details = {"type": "rate_limited", "message": "429", "will_retry": True, "attempt": 1,
-               "retry_after_s": 30.5, "detail": {"quota": ["rpm"]}}
+    details = {
+        "type": "rate_limited",
+        "message": "429",
+        "will_retry": True,
+        "attempt": 1,
+        "retry_after_s": 30.5,
+        "detail": {"quota": ["rpm"]},
+    }
     ok = await store.fail(jid, A, error_details=details, retry_count=1, retry_at=retry_at)
     assert ok is True
     r = await row(conn, jid)
@@ -282,7 +301,11 @@ async def test_release_hands_the_job_back(store: SqlFunctionStore, conn) -> None
     assert await store.release(jid, A) is True
     r = await row(conn, jid)
     assert (r["status"], r["worker_id"], r["retry_count"], r["current_step"]) == (
-        "pending", None, 0, "released")
+        "pending",
+        None,
+        0,
+        "released",
+    )
     assert await store.release(jid, A) is False
     again = await store.claim(B, None, None)
     assert again is not None and again.job_id == jid and again.retry_count == 0
@@ -295,9 +318,14 @@ async def test_release_worker_jobs(store: SqlFunctionStore, conn) -> None:
     await store.claim(B, None, None)
     assert await store.release_worker_jobs(A) == 2
     assert await store.release_worker_jobs(A) == 0
-    statuses = {r["status"]: r["n"] for r in await conn.fetch(
-        "select status, count(*)::int as n from job_queue where id = any($1::uuid[])"
-        " group by status", ids)}
+    statuses = {
+        r["status"]: r["n"]
+        for r in await conn.fetch(
+            "select status, count(*)::int as n from job_queue where id = any($1::uuid[])"
+            " group by status",
+            ids,
+        )
+    }
     assert statuses == {"pending": 2, "processing": 1}
 
 
@@ -315,8 +343,13 @@ async def test_queue_stats_shape(store: SqlFunctionStore, conn) -> None:
     await store.claim(A, ["a"], None)
     await store.complete(done, A, {})
     stats = await store.queue_stats()
-    assert set(stats) == {"by_status", "by_type", "oldest_pending_age_s", "last_hour",
-                          "generated_at"}
+    assert set(stats) == {
+        "by_status",
+        "by_type",
+        "oldest_pending_age_s",
+        "last_hour",
+        "generated_at",
+    }
     assert stats["by_status"] == {"pending": 2, "completed": 1}
     assert stats["by_type"] == [
         {"job_type": "a", "status": "completed", "count": 1},
@@ -341,9 +374,12 @@ async def test_start_chapter_returns_the_context(store: SqlFunctionStore, conn) 
     assert ctx["chapter"]["id"] == cj.chapter and ctx["chapter"]["number"] == 2
     assert ctx["chapter"]["owner_id"] == cj.user
     assert ctx["chapter"]["content_length"] == 0 and ctx["chapter"]["content_tail"] == ""
-    assert ctx["story"] == {"id": cj.story, "title": "Tides",
-                            "premise": "The sea keeps a ledger.",
-                            "preferences": {"genre": "mystery"}}
+    assert ctx["story"] == {
+        "id": cj.story,
+        "title": "Tides",
+        "premise": "The sea keeps a ledger.",
+        "preferences": {"genre": "mystery"},
+    }
     assert ctx["previous"] == [{"number": 1, "title": "One", "tail": "xxxxxxxEND"}]
     ch = await chapter(conn, cj.chapter)
     assert (ch["status"], ch["current_step"]) == ("generating", "starting")
@@ -360,34 +396,65 @@ async def test_chapter_write_sequence(store: SqlFunctionStore, conn) -> None:
     assert ch["outline"] == outline and ch["title"] == "The Ledger" and ch["progress"] == 10
 
     text1 = "The water went out. "
-    assert await store.append_chapter(cj.job, A, offset=0, text=text1, progress=40,
-                                      current_step="section 1/2: Low tide",
-                                      checkpoint={"sections_done": 1,
-                                                  "content_length": len(text1)}) is True
+    assert (
+        await store.append_chapter(
+            cj.job,
+            A,
+            offset=0,
+            text=text1,
+            progress=40,
+            current_step="section 1/2: Low tide",
+            checkpoint={"sections_done": 1, "content_length": len(text1)},
+        )
+        is True
+    )
     # Re-sending the same append (the first response was lost) is a no-op, and true.
-    assert await store.append_chapter(cj.job, A, offset=0, text=text1, progress=40,
-                                      current_step="section 1/2: Low tide") is True
+    assert (
+        await store.append_chapter(
+            cj.job, A, offset=0, text=text1, progress=40, current_step="section 1/2: Low tide"
+        )
+        is True
+    )
     ch = await chapter(conn, cj.chapter)
     assert ch["content"] == text1 and ch["progress"] == 40
     assert ch["generation_state"] == {"sections_done": 1, "content_length": len(text1)}
     assert (await row(conn, cj.job))["progress"] == 40
 
     with pytest.raises(ConflictError) as err:
-        await store.append_chapter(cj.job, A, offset=5, text="oops", progress=50,
-                                   current_step="section 2/2")
+        await store.append_chapter(
+            cj.job, A, offset=5, text="oops", progress=50, current_step="section 2/2"
+        )
     assert err.value.code == "PT409" and not err.value.transient
     assert "offset mismatch" in str(err.value)
     assert (await chapter(conn, cj.chapter))["content"] == text1
 
     text2 = "Then it came back, all at once."
-    assert await store.append_chapter(cj.job, A, offset=len(text1), text=text2, progress=80,
-                                      current_step="section 2/2: High tide") is True
+    assert (
+        await store.append_chapter(
+            cj.job,
+            A,
+            offset=len(text1),
+            text=text2,
+            progress=80,
+            current_step="section 2/2: High tide",
+        )
+        is True
+    )
     assert await store.rewind_chapter(cj.job, A, len(text1)) is True
     assert (await chapter(conn, cj.chapter))["content"] == text1
     with pytest.raises(ConflictError):
         await store.rewind_chapter(cj.job, A, len(text1) + 1)
-    assert await store.append_chapter(cj.job, A, offset=len(text1), text=text2, progress=80,
-                                      current_step="section 2/2: High tide") is True
+    assert (
+        await store.append_chapter(
+            cj.job,
+            A,
+            offset=len(text1),
+            text=text2,
+            progress=80,
+            current_step="section 2/2: High tide",
+        )
+        is True
+    )
 
     words = await store.finish_chapter(cj.job, A)
     assert words == len((text1 + text2).split()) == 11
@@ -405,10 +472,16 @@ async def test_start_chapter_resumes_from_the_checkpoint(store: SqlFunctionStore
     await store.claim(A, ["chapter_generation"], None)
     await store.start_chapter(cj.job, A, 100)
     await store.save_outline(cj.job, A, "T", {"sections": [1, 2]})
-    await store.append_chapter(cj.job, A, offset=0, text="kept. ", progress=40,
-                               current_step="s1", checkpoint={"content_length": 6})
-    await store.append_chapter(cj.job, A, offset=6, text="partial", progress=50,
-                               current_step="s2")
+    await store.append_chapter(
+        cj.job,
+        A,
+        offset=0,
+        text="kept. ",
+        progress=40,
+        current_step="s1",
+        checkpoint={"content_length": 6},
+    )
+    await store.append_chapter(cj.job, A, offset=6, text="partial", progress=50, current_step="s2")
     await store.release(cj.job, A)
     await store.claim(B, ["chapter_generation"], None)
     ctx = await store.start_chapter(cj.job, B, 3)
@@ -429,8 +502,15 @@ async def test_writes_by_a_rescued_worker_change_nothing(store: SqlFunctionStore
     cj = await chapter_job(conn, lease_timeout_s=1)
     await store.claim(A, ["chapter_generation"], None)
     await store.start_chapter(cj.job, A, 100)
-    await store.append_chapter(cj.job, A, offset=0, text="first. ", progress=20,
-                               current_step="s1", checkpoint={"content_length": 7})
+    await store.append_chapter(
+        cj.job,
+        A,
+        offset=0,
+        text="first. ",
+        progress=20,
+        current_step="s1",
+        checkpoint={"content_length": 7},
+    )
     await asyncio.sleep(1.1)
     rescued = await store.claim(B, ["chapter_generation"], None)
     assert rescued is not None and rescued.job_id == cj.job and rescued.retry_count == 1
@@ -441,17 +521,31 @@ async def test_writes_by_a_rescued_worker_change_nothing(store: SqlFunctionStore
     assert await store.heartbeat_many([cj.job], A) == set()
     assert await store.start_chapter(cj.job, A, 100) is None
     assert await store.save_outline(cj.job, A, "stale", {"x": 1}) is False
-    assert await store.append_chapter(cj.job, A, offset=7, text="stale", progress=90,
-                                      current_step="stale") is False
-    assert await store.append_chapter(cj.job, A, offset=999, text="x", progress=90,
-                                      current_step="stale") is False  # no conflict either
+    assert (
+        await store.append_chapter(
+            cj.job, A, offset=7, text="stale", progress=90, current_step="stale"
+        )
+        is False
+    )
+    assert (
+        await store.append_chapter(
+            cj.job, A, offset=999, text="x", progress=90, current_step="stale"
+        )
+        is False
+    )  # no conflict either
     assert await store.rewind_chapter(cj.job, A, 0) is False
     assert await store.finish_chapter(cj.job, A) is None
     assert await store.release(cj.job, A) is False
-    assert await store.fail(cj.job, A, error_details={"m": "stale"}, retry_count=2,
-                            retry_at=datetime.now(UTC)) is False
-    assert await store.fail(cj.job, A, error_details={"m": "stale"}, retry_count=2,
-                            retry_at=None) is False
+    assert (
+        await store.fail(
+            cj.job, A, error_details={"m": "stale"}, retry_count=2, retry_at=datetime.now(UTC)
+        )
+        is False
+    )
+    assert (
+        await store.fail(cj.job, A, error_details={"m": "stale"}, retry_count=2, retry_at=None)
+        is False
+    )
     assert await store.complete(cj.job, A, {"stale": True}) is False
     assert await store.release_worker_jobs(A) == 0
 
@@ -472,7 +566,8 @@ async def test_start_chapter_forbidden_when_user_does_not_own_chapter(
     cj = await chapter_job(conn)
     other = await insert_job(conn)  # noqa: F841 - a bystander job
     intruder = await conn.fetchval(
-        "insert into auth.users (id, email) values (gen_random_uuid(), 'i@x') returning id")
+        "insert into auth.users (id, email) values (gen_random_uuid(), 'i@x') returning id"
+    )
     await conn.execute("update job_queue set user_id = $1 where id = $2", intruder, cj.job)
     await store.claim(A, ["chapter_generation"], None)
     with pytest.raises(ForbiddenError) as err:
@@ -548,7 +643,11 @@ async def test_requeue_failed(store: SqlFunctionStore, conn) -> None:
     for jid in (a1, a2, b1):
         r = await row(conn, jid)
         assert (r["status"], r["retry_count"], r["error_details"], r["current_step"]) == (
-            "pending", 0, None, "requeued")
+            "pending",
+            0,
+            None,
+            "requeued",
+        )
 
 
 async def test_purge_finished(store: SqlFunctionStore, conn) -> None:
@@ -557,13 +656,16 @@ async def test_purge_finished(store: SqlFunctionStore, conn) -> None:
     pending = await insert_job(conn)
     await store.claim(A, None, None)
     await store.claim(A, None, None)
-    claimed = [r["id"] for r in await conn.fetch(
-        "select id::text from job_queue where status = 'processing'")]
+    claimed = [
+        r["id"]
+        for r in await conn.fetch("select id::text from job_queue where status = 'processing'")
+    ]
     assert set(claimed) == {old, recent}
     for jid in claimed:
         assert await store.complete(jid, A, {}) is True
-    await conn.execute("update job_queue set completed_at = now() - interval '10 days'"
-                       " where id = $1", old)
+    await conn.execute(
+        "update job_queue set completed_at = now() - interval '10 days' where id = $1", old
+    )
     assert await store.purge_finished(7) == 1
     assert await store.purge_finished(7) == 0
     left = {str(r["id"]) for r in await conn.fetch("select id from job_queue")}
@@ -581,8 +683,14 @@ async def test_enqueue_job(store: SqlFunctionStore, conn) -> None:
     jid = await store.enqueue_job("noop", {"n": 7}, priority=3, lane="fast", max_retries=1)
     assert isinstance(jid, str) and str(uuid.UUID(jid)) == jid
     r = await row(conn, jid)
-    assert (r["job_type"], r["job_payload"], r["priority"], r["job_lane"], r["max_retries"],
-            r["status"]) == ("noop", {"n": 7}, 3, "fast", 1, "pending")
+    assert (
+        r["job_type"],
+        r["job_payload"],
+        r["priority"],
+        r["job_lane"],
+        r["max_retries"],
+        r["status"],
+    ) == ("noop", {"n": 7}, 3, "fast", 1, "pending")
     later = await store.enqueue_job("noop", delay_s=60)
     assert (await row(conn, later))["scheduled_at"] > datetime.now(UTC) + timedelta(seconds=50)
     claimed = await store.claim(A, None, ["fast"])
@@ -596,7 +704,10 @@ async def test_enqueue_chapter_on_behalf_of_its_owner(store: SqlFunctionStore, c
     assert isinstance(jid, str) and jid != cj.job
     r = await row(conn, jid)
     assert (r["job_type"], str(r["user_id"]), r["idempotency_key"]) == (
-        "chapter_generation", cj.user, "k-1")
+        "chapter_generation",
+        cj.user,
+        "k-1",
+    )
     assert r["job_payload"]["options"] == {"words": 900}
     assert await store.enqueue_chapter(cj.chapter, idempotency_key="k-1") == jid
     ch = await chapter(conn, cj.chapter)

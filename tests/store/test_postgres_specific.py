@@ -113,14 +113,20 @@ async def test_listen_false_is_poll_only(db_dsn: str, conn: asyncpg.Connection) 
 # -- the transaction-pooler decision (no server needed) --------------------------------------
 
 
-@pytest.mark.parametrize(("dsn", "pooler"), [
-    ("postgresql://postgres.ref:pw@aws-0-eu-central-1.pooler.supabase.com:6543/postgres", True),
-    ("postgres://u:p@localhost:6543/db?sslmode=require", True),
-    ("postgresql://postgres.ref:pw@aws-0-eu-central-1.pooler.supabase.com:5432/postgres", False),
-    ("postgresql://postgres:pw@db.ref.supabase.co:5432/postgres", False),
-    ("postgresql://postgres:pw@db.ref.supabase.co/postgres", False),
-    ("postgresql://u@localhost:65430/db", False),
-])
+@pytest.mark.parametrize(
+    ("dsn", "pooler"),
+    [
+        ("postgresql://postgres.ref:pw@aws-0-eu-central-1.pooler.supabase.com:6543/postgres", True),
+        ("postgres://u:p@localhost:6543/db?sslmode=require", True),
+        (
+            "postgresql://postgres.ref:pw@aws-0-eu-central-1.pooler.supabase.com:5432/postgres",
+            False,
+        ),
+        ("postgresql://postgres:pw@db.ref.supabase.co:5432/postgres", False),
+        ("postgresql://postgres:pw@db.ref.supabase.co/postgres", False),
+        ("postgresql://u@localhost:65430/db", False),
+    ],
+)
 def test_is_transaction_pooler(dsn: str, pooler: bool) -> None:
     assert is_transaction_pooler(dsn) is pooler
     store = PostgresStore(dsn)
@@ -223,7 +229,8 @@ async def test_pool_recovers_after_its_connections_are_killed(
         await s.queue_stats()
         await conn.execute(
             "select pg_terminate_backend(pid) from pg_stat_activity"
-            " where datname = current_database() and pid <> pg_backend_pid()")
+            " where datname = current_database() and pid <> pg_backend_pid()"
+        )
         await asyncio.sleep(0.2)  # let asyncpg see the FATAL/EOF (see the race test below)
         assert await s.heartbeat(str(uuid.uuid4()), "w") is False
         jid = await insert_job(conn)
@@ -233,12 +240,15 @@ async def test_pool_recovers_after_its_connections_are_killed(
         await s.close()
 
 
-@pytest.mark.parametrize("exc", [
-    ConnectionResetError("reset by peer"),
-    TimeoutError(),
-    asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"),
-    asyncpg.exceptions.InterfaceError("connection is closed"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ConnectionResetError("reset by peer"),
+        TimeoutError(),
+        asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"),
+        asyncpg.exceptions.InterfaceError("connection is closed"),
+    ],
+)
 async def test_connection_errors_are_transient(
     pg: PostgresStore, monkeypatch: pytest.MonkeyPatch, exc: Exception
 ) -> None:
@@ -270,7 +280,8 @@ async def test_connection_killed_just_before_use_is_transient(
         calls += 1
         if calls == 1:
             raise asyncpg.exceptions.InternalClientError(
-                "cannot switch to state 11; another operation (2) is in progress")
+                "cannot switch to state 11; another operation (2) is in progress"
+            )
         return await real(self, *args, **kwargs)
 
     monkeypatch.setattr(asyncpg.connection.Connection, "fetchval", killed)

@@ -110,8 +110,12 @@ def http_error(
     if isinstance(retry_delay, int | float):
         retry_delay = f"{retry_delay:g}s"
     return Behaviour(
-        "http_error", status=status, status_text=status_text, message=message,
-        retry_delay=retry_delay, quota_id=quota_id,
+        "http_error",
+        status=status,
+        status_text=status_text,
+        message=message,
+        retry_delay=retry_delay,
+        quota_id=quota_id,
     )
 
 
@@ -391,20 +395,26 @@ class FakeGemini:
         status_text = b.status_text or _STATUS_TEXT.get(b.status, "UNKNOWN")
         details: list[dict[str, Any]] = []
         if b.quota_id:
-            details.append({
-                "@type": "type.googleapis.com/google.rpc.QuotaFailure",
-                "violations": [{
-                    "quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
-                    "quotaId": b.quota_id,
-                    "quotaDimensions": {"location": "global", "model": "gemini-fake"},
-                    "quotaValue": "100",
-                }],
-            })
+            details.append(
+                {
+                    "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                    "violations": [
+                        {
+                            "quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
+                            "quotaId": b.quota_id,
+                            "quotaDimensions": {"location": "global", "model": "gemini-fake"},
+                            "quotaValue": "100",
+                        }
+                    ],
+                }
+            )
         if b.retry_delay:
-            details.append({
-                "@type": "type.googleapis.com/google.rpc.RetryInfo",
-                "retryDelay": b.retry_delay,
-            })
+            details.append(
+                {
+                    "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                    "retryDelay": b.retry_delay,
+                }
+            )
         error: dict[str, Any] = {
             "code": b.status,
             "message": b.message or _MESSAGES.get(b.status, "Error."),
@@ -473,8 +483,13 @@ class FakeGemini:
 
         if b.kind == "blocked_prompt":
             usage = self._usage(record, 0)
-            await send({"promptFeedback": {"blockReason": b.reason}, "usageMetadata": usage,
-                        "modelVersion": self.model_version})
+            await send(
+                {
+                    "promptFeedback": {"blockReason": b.reason},
+                    "usageMetadata": usage,
+                    "modelVersion": self.model_version,
+                }
+            )
         elif b.kind == "ok":
             pieces = self._pieces(record, b)
             for i, piece in enumerate(pieces):
@@ -500,8 +515,15 @@ class FakeGemini:
                     await send(self._event(record, piece, "STOP" if i == len(rest) - 1 else None))
             elif b.kind == "midstream_error":
                 status_text = b.status_text or _STATUS_TEXT.get(b.status, "INTERNAL")
-                await send({"error": {"code": b.status, "status": status_text,
-                                      "message": _MESSAGES.get(b.status, "Error.")}})
+                await send(
+                    {
+                        "error": {
+                            "code": b.status,
+                            "status": status_text,
+                            "message": _MESSAGES.get(b.status, "Error."),
+                        }
+                    }
+                )
             elif b.kind == "finish":
                 await send(self._event(record, None, b.reason))
             elif b.kind == "malformed_json":

@@ -51,8 +51,16 @@ from aiohttp import web
 SCHEMA = "public"
 OBJECT_MEDIA = "application/vnd.pgrst.object+json"
 RESERVED = frozenset({"select", "order", "limit", "offset", "on_conflict", "columns"})
-OPS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<=",
-       "like": "like", "ilike": "ilike"}
+OPS = {
+    "eq": "=",
+    "neq": "<>",
+    "gt": ">",
+    "gte": ">=",
+    "lt": "<",
+    "lte": "<=",
+    "like": "like",
+    "ilike": "ilike",
+}
 FAULT_MESSAGES = {
     "PGRST000": "Database connection error. Retrying the connection.",
     "PGRST001": "Database client error. Retrying the connection.",
@@ -66,8 +74,15 @@ HTML_502 = "<html><head><title>502 Bad Gateway</title></head><body>bad gateway</
 class PgrstError(Exception):
     """An error answered with PostgREST's JSON body; raising it inside a request rolls back."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None,
-                 hint: Any = None, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        hint: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.details, self.hint, self.headers = details, hint, dict(headers or {})
@@ -88,8 +103,17 @@ def literal(value: str) -> str:
 
 def http_status(sqlstate: str, message: str, authed: bool) -> int:
     """PostgREST's ``mapSQLtoHTTP`` (Error.hs), including the pg-safeupdate and PTxyz cases."""
-    exact = {"23503": 409, "23505": 409, "25006": 405, "53400": 500, "57P01": 503, "P0001": 400,
-             "42883": 404, "42P01": 404, "42P17": 500}
+    exact = {
+        "23503": 409,
+        "23505": 409,
+        "25006": 405,
+        "53400": 500,
+        "57P01": 503,
+        "P0001": 400,
+        "42883": 404,
+        "42P01": 404,
+        "42P17": 500,
+    }
     if sqlstate in exact:
         return exact[sqlstate]
     if sqlstate == "42501":
@@ -100,9 +124,28 @@ def http_status(sqlstate: str, message: str, authed: bool) -> int:
         return 401 if message.startswith("role") and message.endswith("does not exist") else 400
     if sqlstate.startswith("PT"):
         return int(sqlstate[2:]) if sqlstate[2:].isdigit() else 500
-    prefixes = {"08": 503, "09": 500, "0L": 403, "0P": 403, "25": 500, "28": 403, "2D": 500,
-                "38": 500, "39": 500, "3B": 500, "40": 500, "53": 503, "54": 500, "55": 500,
-                "57": 500, "58": 500, "F0": 500, "HV": 500, "P0": 500, "XX": 500}
+    prefixes = {
+        "08": 503,
+        "09": 500,
+        "0L": 403,
+        "0P": 403,
+        "25": 500,
+        "28": 403,
+        "2D": 500,
+        "38": 500,
+        "39": 500,
+        "3B": 500,
+        "40": 500,
+        "53": 503,
+        "54": 500,
+        "55": 500,
+        "57": 500,
+        "58": 500,
+        "F0": 500,
+        "HV": 500,
+        "P0": 500,
+        "XX": 500,
+    }
     return prefixes.get(sqlstate[:2], 400)
 
 
@@ -112,11 +155,18 @@ def pg_error(exc: asyncpg.PostgresError, authed: bool) -> PgrstError:
     if state == "PGRST":
         try:
             body, det = json.loads(msg), json.loads(exc.detail or "")
-            return PgrstError(int(det["status"]), body["code"], body["message"],
-                              body.get("details"), body.get("hint"), det.get("headers"))
+            return PgrstError(
+                int(det["status"]),
+                body["code"],
+                body["message"],
+                body.get("details"),
+                body.get("hint"),
+                det.get("headers"),
+            )
         except (ValueError, KeyError, TypeError):
-            return PgrstError(500, "PGRST121",
-                              "Could not parse JSON in the \"RAISE SQLSTATE 'PGRST'\" error")
+            return PgrstError(
+                500, "PGRST121", "Could not parse JSON in the \"RAISE SQLSTATE 'PGRST'\" error"
+            )
     return PgrstError(http_status(state, msg, authed), state, msg, exc.detail, exc.hint)
 
 
@@ -162,8 +212,12 @@ def condition(qual: str, column: str, raw: str) -> str:
         items = split_list(value[1:-1])
         sql = f"{col} in ({', '.join(map(literal, items))})" if items else "false"
     else:
-        raise PgrstError(400, "PGRST100", f'"failed to parse filter ({raw})"',
-                         "unknown or unsupported operator (test gateway)")
+        raise PgrstError(
+            400,
+            "PGRST100",
+            f'"failed to parse filter ({raw})"',
+            "unknown or unsupported operator (test gateway)",
+        )
     return f"not ({sql})" if negate else sql
 
 
@@ -177,22 +231,33 @@ class Query:
     limit: str = ""
 
     @classmethod
-    def parse(cls, params: Mapping[str, str], qual: str, skip: frozenset[str] = frozenset()
-              ) -> Query:
+    def parse(
+        cls, params: Mapping[str, str], qual: str, skip: frozenset[str] = frozenset()
+    ) -> Query:
         q = cls()
         cols = [c.strip() for c in params.get("select", "*").split(",") if c.strip()]
         if any(ch in c for c in cols for ch in "():!"):
-            raise PgrstError(400, "PGRST127", "Feature not implemented",
-                             "embedding, aliases and casts in select (test gateway)")
-        q.columns = (f"{qual}.*" if cols in ([], ["*"])
-                     else ", ".join(f"{qual}.{ident(c)}" for c in cols))
-        q.where = [condition(qual, k, v) for k, v in params.items()
-                   if k not in RESERVED and k not in skip]
+            raise PgrstError(
+                400,
+                "PGRST127",
+                "Feature not implemented",
+                "embedding, aliases and casts in select (test gateway)",
+            )
+        q.columns = (
+            f"{qual}.*" if cols in ([], ["*"]) else ", ".join(f"{qual}.{ident(c)}" for c in cols)
+        )
+        q.where = [
+            condition(qual, k, v) for k, v in params.items() if k not in RESERVED and k not in skip
+        ]
         terms = []
         for term in filter(None, params.get("order", "").split(",")):
             col, *mods = term.split(".")
-            words = {"asc": "asc", "desc": "desc", "nullsfirst": "nulls first",
-                     "nullslast": "nulls last"}
+            words = {
+                "asc": "asc",
+                "desc": "desc",
+                "nullsfirst": "nulls first",
+                "nullslast": "nulls last",
+            }
             if any(m not in words for m in mods):
                 raise PgrstError(400, "PGRST100", f'"failed to parse order ({term})"')
             terms.append(" ".join([f"{qual}.{ident(col)}", *(words[m] for m in mods)]))
@@ -227,8 +292,11 @@ class Function:
 
     @property
     def whole_body(self) -> bool:
-        return len(self.in_names) == 1 and not self.in_names[0] and \
-            self.in_types[0] in ("json", "jsonb")
+        return (
+            len(self.in_names) == 1
+            and not self.in_names[0]
+            and self.in_types[0] in ("json", "jsonb")
+        )
 
 
 FUNCTIONS_SQL = """
@@ -265,10 +333,23 @@ async def load_functions(conn: asyncpg.Connection, name: str) -> list[Function]:
         modes = r["modes"] or ["i"] * len(r["in_types"])
         names = list(r["names"]) or [""] * len(modes)
         in_names = [n for n, m in zip(names, modes, strict=True) if m in ("i", "b", "v")]
-        timeout = next((c.split("=", 1)[1] for c in r["config"] or ()
-                        if c.startswith("statement_timeout=")), None)
-        out.append(Function(name, in_names, list(r["in_types"]), r["required"], r["volatile"],
-                            r["setof"], r["composite"], r["void"], timeout))
+        timeout = next(
+            (c.split("=", 1)[1] for c in r["config"] or () if c.startswith("statement_timeout=")),
+            None,
+        )
+        out.append(
+            Function(
+                name,
+                in_names,
+                list(r["in_types"]),
+                r["required"],
+                r["volatile"],
+                r["setof"],
+                r["composite"],
+                r["void"],
+                timeout,
+            )
+        )
     return out
 
 
@@ -305,16 +386,26 @@ class Gateway:
         self.faults: list[Fault] = []
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
-        self.app = web.Application(middlewares=[self._outer, self._errors],
-                                   client_max_size=16 * 1024 * 1024)
+        self.app = web.Application(
+            middlewares=[self._outer, self._errors], client_max_size=16 * 1024 * 1024
+        )
         self.app.router.add_route("*", "/rest/v1/rpc/{fn}", self._rpc)
         self.app.router.add_route("*", "/rest/v1/{table}", self._table)
 
     # -- test API ---------------------------------------------------------------------------
-    def inject(self, path_contains: str = "", *, method: str | None = None,
-               status: int | None = None, code: str = "PGRST003", html: bool = False,
-               delay: float = 0.0, drop: bool = False, after: bool = False,
-               times: int = 1) -> Fault:
+    def inject(
+        self,
+        path_contains: str = "",
+        *,
+        method: str | None = None,
+        status: int | None = None,
+        code: str = "PGRST003",
+        html: bool = False,
+        delay: float = 0.0,
+        drop: bool = False,
+        after: bool = False,
+        times: int = 1,
+    ) -> Fault:
         """Make the next ``times`` matching requests fail.
 
         ``status`` answers a PostgREST-style JSON error with ``code`` (default 503 PGRST003);
@@ -324,15 +415,27 @@ class Gateway:
         and commits the real request before the fault, i.e. the response is lost."""
         if status is None and not (html or drop or delay):
             status = 503
-        fault = Fault(path_contains, method, times, status or (502 if html else None), code,
-                      html, delay, drop, after)
+        fault = Fault(
+            path_contains,
+            method,
+            times,
+            status or (502 if html else None),
+            code,
+            html,
+            delay,
+            drop,
+            after,
+        )
         self.faults.append(fault)
         return fault
 
     def count(self, path_contains: str = "", method: str | None = None) -> int:
         """How many requests reached the gateway (faulted ones included)."""
-        return sum(1 for r in self.requests if path_contains in r.path
-                   and (method is None or r.method == method))
+        return sum(
+            1
+            for r in self.requests
+            if path_contains in r.path and (method is None or r.method == method)
+        )
 
     @property
     def counts(self) -> Counter[str]:
@@ -379,8 +482,9 @@ class Gateway:
                 entry.status = -1
                 return web.Response(status=599)
             if fault.html:
-                resp = web.Response(status=fault.status or 502, text=HTML_502,
-                                    content_type="text/html")
+                resp = web.Response(
+                    status=fault.status or 502, text=HTML_502, content_type="text/html"
+                )
             elif fault.status is not None:
                 msg = FAULT_MESSAGES.get(fault.code, "injected fault")
                 resp = error_response(PgrstError(fault.status, fault.code, msg))
@@ -398,8 +502,7 @@ class Gateway:
         except asyncpg.PostgresError as exc:
             return error_response(pg_error(exc, request.get(ROLE, "anon") != "anon"))
         except (asyncpg.InterfaceError, OSError) as exc:
-            return error_response(PgrstError(503, "PGRST001", FAULT_MESSAGES["PGRST001"],
-                                             str(exc)))
+            return error_response(PgrstError(503, "PGRST001", FAULT_MESSAGES["PGRST001"], str(exc)))
 
     # -- request plumbing -------------------------------------------------------------------
     def _claims(self, request: web.Request) -> dict[str, Any]:
@@ -410,8 +513,9 @@ class Gateway:
         if scheme.lower() != "bearer" or not token.strip():
             raise PgrstError(401, "PGRST301", "Empty JWT is sent in Authorization header")
         try:
-            claims = jwt.decode(token.strip(), self.secret, algorithms=["HS256"],
-                                options={"verify_aud": False})
+            claims = jwt.decode(
+                token.strip(), self.secret, algorithms=["HS256"], options={"verify_aud": False}
+            )
         except jwt.ExpiredSignatureError:
             raise PgrstError(401, "PGRST303", "JWT expired") from None
         except jwt.InvalidSignatureError:
@@ -425,8 +529,12 @@ class Gateway:
         header = "Accept-Profile" if request.method in ("GET", "HEAD") else "Content-Profile"
         profile = request.headers.get(header, SCHEMA)
         if profile != SCHEMA:
-            raise PgrstError(406, "PGRST106", f"Invalid schema: {profile}",
-                             hint=f"Only the following schemas are exposed: {SCHEMA}")
+            raise PgrstError(
+                406,
+                "PGRST106",
+                f"Invalid schema: {profile}",
+                hint=f"Only the following schemas are exposed: {SCHEMA}",
+            )
         accept = request.headers.get("Accept", "*/*")
         if not any(m in accept for m in ("*/*", "application/json", OBJECT_MEDIA)):
             raise PgrstError(406, "PGRST107", f"None of these media types are available: {accept}")
@@ -435,8 +543,14 @@ class Gateway:
         return claims
 
     @contextlib.asynccontextmanager
-    async def _tx(self, conn: asyncpg.Connection, request: web.Request, claims: dict[str, Any],
-                  readonly: bool, stmt_timeout: str | None = None) -> AsyncIterator[None]:
+    async def _tx(
+        self,
+        conn: asyncpg.Connection,
+        request: web.Request,
+        claims: dict[str, Any],
+        readonly: bool,
+        stmt_timeout: str | None = None,
+    ) -> AsyncIterator[None]:
         """PostgREST's per-request transaction: role, claims and request GUCs, all LOCAL."""
         async with conn.transaction(readonly=readonly):
             await conn.fetch(ROLE_TIMEOUT_SQL, claims["role"])
@@ -448,9 +562,14 @@ class Gateway:
                 " set_config('request.method', $3, true), set_config('request.path', $4, true),"
                 " set_config('request.headers', $5, true), set_config('role', $6, true)"
                 + (", set_config('statement_timeout', $7, true)" if stmt_timeout else ""),
-                SCHEMA, json.dumps(claims), request.method,
-                request.path.removeprefix("/rest/v1"), json.dumps(headers), claims["role"],
-                *([stmt_timeout] if stmt_timeout else []))
+                SCHEMA,
+                json.dumps(claims),
+                request.method,
+                request.path.removeprefix("/rest/v1"),
+                json.dumps(headers),
+                claims["role"],
+                *([stmt_timeout] if stmt_timeout else []),
+            )
             yield
 
     @staticmethod
@@ -464,14 +583,24 @@ class Gateway:
             raise PgrstError(400, "PGRST102", "Empty or invalid json") from None
 
     @staticmethod
-    def _json(request: web.Request, text: str, status: int = 200, *, rows: int | None = None,
-              plural: bool = True) -> web.Response:
+    def _json(
+        request: web.Request,
+        text: str,
+        status: int = 200,
+        *,
+        rows: int | None = None,
+        plural: bool = True,
+    ) -> web.Response:
         """Render a JSON result, enforcing ``Accept: vnd.pgrst.object+json`` on row sets."""
         media = "application/json"
         if OBJECT_MEDIA in request.headers.get("Accept", "") and plural:
             if rows != 1:
-                raise PgrstError(406, "PGRST116", "Cannot coerce the result to a single JSON "
-                                 "object", f"The result contains {rows} rows")
+                raise PgrstError(
+                    406,
+                    "PGRST116",
+                    "Cannot coerce the result to a single JSON object",
+                    f"The result contains {rows} rows",
+                )
             text, media = json.dumps(json.loads(text)[0]), OBJECT_MEDIA
         return web.Response(status=status, text=text, content_type=media, charset="utf-8")
 
@@ -498,8 +627,10 @@ class Gateway:
                 pos = {n: t for n, t in zip(fn.in_names, fn.in_types, strict=True)}
                 defs = ", ".join(f"{ident(k)} {pos[k]}" for k in args)
                 call_args = ", ".join(f"{ident(k)} := _a.{ident(k)}" for k in args)
-                source = (f"json_to_record($1::json) as _a({defs}), "
-                          f"lateral {ident(SCHEMA)}.{ident(name)}({call_args}) _f")
+                source = (
+                    f"json_to_record($1::json) as _a({defs}), "
+                    f"lateral {ident(SCHEMA)}.{ident(name)}({call_args}) _f"
+                )
                 params = [json.dumps(args)]
             else:
                 source = f"{ident(SCHEMA)}.{ident(name)}() _f"
@@ -514,12 +645,14 @@ class Gateway:
                     row = await conn.fetchrow(
                         f"select coalesce(json_agg({agg}), '[]')::text, count(*) from (select "
                         f"{cols} from {source}{query.sql_where()}{query.order}{query.limit}) _r",
-                        *params)
+                        *params,
+                    )
                     return self._json(request, row[0], rows=row[1])
                 expr = "row_to_json(_r)" if fn.composite else "to_json(_r.v)"
                 cols = query.columns if fn.composite else "_f as v"
                 text = await conn.fetchval(
-                    f"select {expr}::text from (select {cols} from {source}) _r", *params)
+                    f"select {expr}::text from (select {cols} from {source}) _r", *params
+                )
                 return self._json(request, text or "null", plural=False)
 
     @staticmethod
@@ -533,41 +666,65 @@ class Gateway:
         qname = f"{SCHEMA}.{name}"
         if found:
             sigs = ", ".join(
-                qname + "(" + ", ".join(f"{n} => {t}" for n, t in zip(f.in_names, f.in_types,
-                                                                    strict=True)) + ")"
-                for f in found)
-            raise PgrstError(300, "PGRST203", "Could not choose the best candidate function "
-                             f"between: {sigs}", hint="Try renaming the parameters or the "
-                             "function itself in the database so function overloading can be "
-                             "resolved")
+                qname
+                + "("
+                + ", ".join(f"{n} => {t}" for n, t in zip(f.in_names, f.in_types, strict=True))
+                + ")"
+                for f in found
+            )
+            raise PgrstError(
+                300,
+                "PGRST203",
+                f"Could not choose the best candidate function between: {sigs}",
+                hint="Try renaming the parameters or the "
+                "function itself in the database so function overloading can be "
+                "resolved",
+            )
         ks = ", ".join(sorted(keys))
         shown = f"({ks})" if keys else " without parameters"
-        det = (f" with parameter{'s' if len(keys) > 1 else ''} {ks}" if keys
-               else " without parameters")
-        hint = (f"Perhaps you meant to call the function {qname}"
-                f"({', '.join(sorted(candidates[0].in_names))})" if candidates else None)
+        det = (
+            f" with parameter{'s' if len(keys) > 1 else ''} {ks}" if keys else " without parameters"
+        )
+        hint = (
+            f"Perhaps you meant to call the function {qname}"
+            f"({', '.join(sorted(candidates[0].in_names))})"
+            if candidates
+            else None
+        )
         det += " or with a single unnamed json/jsonb parameter" if post else ""
-        raise PgrstError(404, "PGRST202", f"Could not find the function {qname}{shown} in the "
-                         "schema cache", f"Searched for the function {qname}{det}, but no "
-                         "matches were found in the schema cache.", hint)
+        raise PgrstError(
+            404,
+            "PGRST202",
+            f"Could not find the function {qname}{shown} in the schema cache",
+            f"Searched for the function {qname}{det}, but no "
+            "matches were found in the schema cache.",
+            hint,
+        )
 
     # -- tables -----------------------------------------------------------------------------
     async def _table(self, request: web.Request) -> web.Response:
         method = request.method
         if method not in ("GET", "HEAD", "POST", "PATCH", "DELETE"):
-            raise PgrstError(400, "PGRST127", "Feature not implemented",
-                             f"{method} on tables (test gateway)")
+            raise PgrstError(
+                400, "PGRST127", "Feature not implemented", f"{method} on tables (test gateway)"
+            )
         claims = self._check(request)
         name = request.match_info["table"]
         table = f"{ident(SCHEMA)}.{ident(name)}"
-        prefer = {p.strip().partition("=")[0]: p.strip().partition("=")[2]
-                  for h in request.headers.getall("Prefer", []) for p in h.split(",")}
+        prefer = {
+            p.strip().partition("=")[0]: p.strip().partition("=")[2]
+            for h in request.headers.getall("Prefer", [])
+            for p in h.split(",")
+        }
         minimal = prefer.get("return", "minimal") != "representation"
         async with self.pool.acquire() as conn:
             meta = await conn.fetchrow(TABLE_SQL, SCHEMA, name)
             if meta is None:
-                raise PgrstError(404, "PGRST205", f"Could not find the table '{SCHEMA}.{name}' "
-                                 "in the schema cache")
+                raise PgrstError(
+                    404,
+                    "PGRST205",
+                    f"Could not find the table '{SCHEMA}.{name}' in the schema cache",
+                )
             query = Query.parse(request.query, table)
             body: Any = None
             rows: list[Any] = []
@@ -580,59 +737,85 @@ class Gateway:
                 keys = list(dict.fromkeys(k for r in rows for k in r))
                 for key in keys:
                     if key not in meta["cols"]:
-                        raise PgrstError(400, "PGRST204", f"Could not find the '{key}' column "
-                                         f"of '{name}' in the schema cache")
+                        raise PgrstError(
+                            400,
+                            "PGRST204",
+                            f"Could not find the '{key}' column of '{name}' in the schema cache",
+                        )
             if method in ("PATCH", "DELETE") and not query.where:
-                raise PgrstError(400, "21000", f"{'UPDATE' if method == 'PATCH' else 'DELETE'}"
-                                 " requires a WHERE clause")
+                raise PgrstError(
+                    400,
+                    "21000",
+                    f"{'UPDATE' if method == 'PATCH' else 'DELETE'} requires a WHERE clause",
+                )
             if method in ("PATCH", "DELETE") and query.limit:
-                raise PgrstError(400, "PGRST127", "Feature not implemented",
-                                 "limited update/delete (test gateway)")
+                raise PgrstError(
+                    400,
+                    "PGRST127",
+                    "Feature not implemented",
+                    "limited update/delete (test gateway)",
+                )
             record = f"(select * from json_populate_record(null::{table}, $1::json)) _b"
             if method in ("GET", "HEAD"):
                 stmt, params = None, []
             elif method == "PATCH":
                 sets = ", ".join(f"{ident(k)} = _b.{ident(k)}" for k in keys)
-                stmt = (f"update {table} set {sets} from {record}{query.sql_where()}" if keys
-                        else f"update {table} set {ident(meta['cols'][0])} = "
-                             f"{ident(meta['cols'][0])} where false")
+                stmt = (
+                    f"update {table} set {sets} from {record}{query.sql_where()}"
+                    if keys
+                    else f"update {table} set {ident(meta['cols'][0])} = "
+                    f"{ident(meta['cols'][0])} where false"
+                )
                 params = [json.dumps(body)] if keys else []
             elif method == "DELETE":
                 stmt, params = f"delete from {table}{query.sql_where()}", []
             else:
-                stmt, params = self._insert(table, keys, meta["pk"], request, prefer), [
-                    json.dumps(rows)]
+                stmt, params = (
+                    self._insert(table, keys, meta["pk"], request, prefer),
+                    [json.dumps(rows)],
+                )
             async with self._tx(conn, request, claims, readonly=stmt is None):
                 if stmt is not None and minimal:
                     await conn.execute(stmt, *params)
                     return web.Response(status=201 if method == "POST" else 204)
-                source = (f"{table}{query.sql_where()}{query.order}{query.limit}" if stmt is None
-                          else "_w")
+                source = (
+                    f"{table}{query.sql_where()}{query.order}{query.limit}"
+                    if stmt is None
+                    else "_w"
+                )
                 cols = query.columns.replace(f"{table}.", "_w.") if stmt else query.columns
                 with_ = f"with _w as ({stmt} returning {table}.*) " if stmt else ""
                 row = await conn.fetchrow(
                     f"{with_}select coalesce(json_agg(_r), '[]')::text, count(*) from "
-                    f"(select {cols} from {source}) _r", *params)
-                resp = self._json(request, row[0], 201 if method == "POST" else 200,
-                                  rows=row[1])
+                    f"(select {cols} from {source}) _r",
+                    *params,
+                )
+                resp = self._json(request, row[0], 201 if method == "POST" else 200, rows=row[1])
                 if method in ("GET", "HEAD"):
                     resp.headers["Content-Range"] = f"0-{row[1] - 1}/*" if row[1] else "*/0"
                 return resp
 
     @staticmethod
-    def _insert(table: str, keys: list[str], pk: list[str], request: web.Request,
-                prefer: dict[str, str]) -> str:
+    def _insert(
+        table: str, keys: list[str], pk: list[str], request: web.Request, prefer: dict[str, str]
+    ) -> str:
         if not keys:
             return f"insert into {table} default values"
         cols = ", ".join(map(ident, keys))
-        stmt = (f"insert into {table} ({cols}) select {cols} from "
-                f"json_populate_recordset(null::{table}, $1::json) _b where true")
+        stmt = (
+            f"insert into {table} ({cols}) select {cols} from "
+            f"json_populate_recordset(null::{table}, $1::json) _b where true"
+        )
         resolution = prefer.get("resolution")
         if resolution in ("merge-duplicates", "ignore-duplicates"):
-            target = [c.strip() for c in request.query.get("on_conflict", "").split(",")
-                      if c.strip()] or pk
-            action = "do nothing" if resolution == "ignore-duplicates" else "do update set " + \
-                ", ".join(f"{ident(k)} = excluded.{ident(k)}" for k in keys)
+            target = [
+                c.strip() for c in request.query.get("on_conflict", "").split(",") if c.strip()
+            ] or pk
+            action = (
+                "do nothing"
+                if resolution == "ignore-duplicates"
+                else "do update set " + ", ".join(f"{ident(k)} = excluded.{ident(k)}" for k in keys)
+            )
             stmt += f" on conflict ({', '.join(map(ident, target))}) {action}"
         return stmt
 

@@ -114,23 +114,34 @@ FAIL_UPDATE = (
 )
 
 
-async def chapter_job(conn: asyncpg.Connection, *, options: dict[str, Any] | None = None,
-                      number: int = 1, lease_timeout_s: int | None = None
-                      ) -> tuple[str, str, str]:
+async def chapter_job(
+    conn: asyncpg.Connection,
+    *,
+    options: dict[str, Any] | None = None,
+    number: int = 1,
+    lease_timeout_s: int | None = None,
+) -> tuple[str, str, str]:
     """A user, story and chapter, enqueued as the app does: (user, chapter, job)."""
     user = await create_user(conn)
     story = await create_story(conn, user)
     for n in range(1, number):
         prev = await create_chapter(conn, story, user, n, f"Chapter {n}")
-        await conn.execute("update chapters set content = $1, status = 'completed' where id = $2",
-                           f"The end of chapter {n}.", prev)
+        await conn.execute(
+            "update chapters set content = $1, status = 'completed' where id = $2",
+            f"The end of chapter {n}.",
+            prev,
+        )
     chapter = await create_chapter(conn, story, user, number)
     async with as_role(conn, "authenticated", user):
-        job = str(await conn.fetchval("select enqueue_chapter_generation($1, $2)", chapter,
-                                      json.dumps(options or {})))
+        job = str(
+            await conn.fetchval(
+                "select enqueue_chapter_generation($1, $2)", chapter, json.dumps(options or {})
+            )
+        )
     if lease_timeout_s is not None:
-        await conn.execute("update job_queue set lease_timeout_s = $1 where id = $2",
-                           lease_timeout_s, job)
+        await conn.execute(
+            "update job_queue set lease_timeout_s = $1 where id = $2", lease_timeout_s, job
+        )
     return user, chapter, job
 
 

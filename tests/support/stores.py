@@ -24,8 +24,9 @@ async def open_store(kind: str, dsn: str, *, concurrency: int = 50) -> AsyncIter
             await store.close()
         return
     gateway = await start_gateway(dsn, JWT_SECRET)
-    rest = await SupabaseStore(gateway.url, make_token(JWT_SECRET, "service_role"),
-                               concurrency=concurrency).open()
+    rest = await SupabaseStore(
+        gateway.url, make_token(JWT_SECRET, "service_role"), concurrency=concurrency
+    ).open()
     rest.gateway = gateway  # type: ignore[attr-defined]
     try:
         yield rest

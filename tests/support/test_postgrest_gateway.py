@@ -117,17 +117,24 @@ class Env:
     gateway: Gateway
     http: httpx.AsyncClient
 
-    async def client(self, role: str = "service_role", sub: uuid.UUID | None = None,
-                     token: str | None = None) -> AClient:
+    async def client(
+        self, role: str = "service_role", sub: uuid.UUID | None = None, token: str | None = None
+    ) -> AClient:
         """A real supabase-py client whose API key is a JWT for ``role``."""
         key = token or make_token(SECRET, role, str(sub) if sub else None)
-        return await acreate_client(self.gateway.url, key,
-                                    options=AsyncClientOptions(httpx_client=self.http))
+        return await acreate_client(
+            self.gateway.url, key, options=AsyncClientOptions(httpx_client=self.http)
+        )
 
-    async def add_job(self, job_id: int, owner: uuid.UUID = ALICE,
-                      tags: tuple[str, ...] = ()) -> None:
-        await self.conn.execute("insert into public.jobs (id, owner, tags) values ($1, $2, $3)",
-                                job_id, owner, list(tags))
+    async def add_job(
+        self, job_id: int, owner: uuid.UUID = ALICE, tags: tuple[str, ...] = ()
+    ) -> None:
+        await self.conn.execute(
+            "insert into public.jobs (id, owner, tags) values ($1, $2, $3)",
+            job_id,
+            owner,
+            list(tags),
+        )
 
 
 @pytest.fixture
@@ -153,7 +160,8 @@ async def test_setof_rpc_list_empty_and_maybe_single(env: Env) -> None:
     await env.add_job(2, tags=("cpu",))
     res = await sb.rpc("claim", {"p_worker": "w1", "p_tags": ["cpu", "x y"]}).execute()
     assert [(r["id"], r["status"], r["worker_id"], r["tags"]) for r in res.data] == [
-        (2, "running", "w1", ["cpu"])]
+        (2, "running", "w1", ["cpu"])
+    ]
     one = await sb.rpc("claim", {"p_worker": "w2", "p_tags": None}).maybe_single().execute()
     assert one is not None and one.data["id"] == 1 and one.data["worker_id"] == "w2"
     assert await env.conn.fetchval("select count(*) from jobs where status = 'running'") == 2
@@ -175,41 +183,82 @@ async def test_scalar_void_composite_and_argument_casts(env: Env) -> None:
     assert missing == dict.fromkeys(job)  # PostgREST #3694: all-null object, not null
 
     ids = [str(ALICE), str(BOB)]
-    out = (await sb.rpc("echo", {"p_tags": ["a", "b,c", 'q"t'], "p_ids": ids,
-                                 "p_doc": {"k": [1, None]}}).execute()).data
-    assert out == {"tags": ["a", "b,c", 'q"t'], "ids": ids, "doc": {"k": [1, None]},
-                   "note": None, "n_tags": 3}
-    assert (await sb.rpc("echo", {"p_tags": None, "p_ids": [], "p_doc": None,
-                                  "p_note": "n"}).execute()).data["ids"] == []
+    out = (
+        await sb.rpc(
+            "echo", {"p_tags": ["a", "b,c", 'q"t'], "p_ids": ids, "p_doc": {"k": [1, None]}}
+        ).execute()
+    ).data
+    assert out == {
+        "tags": ["a", "b,c", 'q"t'],
+        "ids": ids,
+        "doc": {"k": [1, None]},
+        "note": None,
+        "n_tags": 3,
+    }
+    assert (
+        await sb.rpc("echo", {"p_tags": None, "p_ids": [], "p_doc": None, "p_note": "n"}).execute()
+    ).data["ids"] == []
 
     who = (await sb.rpc("whoami", {}).execute()).data
-    assert who == {"user": "service_role", "role": "service_role", "uid": None,
-                   "method": "POST", "path": "/rpc/whoami", "read_only": "on"}
+    assert who == {
+        "user": "service_role",
+        "role": "service_role",
+        "uid": None,
+        "method": "POST",
+        "path": "/rpc/whoami",
+        "read_only": "on",
+    }
 
 
 async def test_table_reads_and_fenced_updates(env: Env) -> None:
     sb = await env.client()
     for i in (1, 2, 3):
         await env.add_job(i, BOB if i == 3 else ALICE)
-    rows = (await sb.table("jobs").select("id, status").in_("id", [1, 3]).order("id", desc=True)
-            .limit(5).execute()).data
+    rows = (
+        await sb.table("jobs")
+        .select("id, status")
+        .in_("id", [1, 3])
+        .order("id", desc=True)
+        .limit(5)
+        .execute()
+    ).data
     assert rows == [{"id": 3, "status": "queued"}, {"id": 1, "status": "queued"}]
-    assert (await sb.table("jobs").select("*").is_("worker_id", "null").neq("id", 2)
-            .gte("id", 2).execute()).data[0]["id"] == 3
+    assert (
+        await sb.table("jobs")
+        .select("*")
+        .is_("worker_id", "null")
+        .neq("id", 2)
+        .gte("id", 2)
+        .execute()
+    ).data[0]["id"] == 3
     assert (await sb.table("jobs").select("id").eq("id", 2).single().execute()).data == {"id": 2}
     with pytest.raises(APIError) as err:
         await sb.table("jobs").select("id").single().execute()
     assert err.value.code == "PGRST116" and err.value.details == "The result contains 3 rows"
 
     await sb.rpc("claim", {"p_worker": "w1"}).execute()
-    upd = await (sb.table("jobs").update({"status": "failed", "tags": ["e"]})
-                 .eq("id", 1).eq("worker_id", "w1").execute())
+    upd = await (
+        sb.table("jobs")
+        .update({"status": "failed", "tags": ["e"]})
+        .eq("id", 1)
+        .eq("worker_id", "w1")
+        .execute()
+    )
     assert [(r["id"], r["status"], r["tags"]) for r in upd.data] == [(1, "failed", ["e"])]
-    lost = await (sb.table("jobs").update({"status": "failed"})
-                  .eq("id", 1).eq("worker_id", "someone-else").execute())
+    lost = await (
+        sb.table("jobs")
+        .update({"status": "failed"})
+        .eq("id", 1)
+        .eq("worker_id", "someone-else")
+        .execute()
+    )
     assert lost.data == []
-    minimal = await (sb.table("jobs").update({"touched": 5}, returning="minimal")  # type: ignore[arg-type]
-                     .eq("id", 2).execute())
+    minimal = await (
+        sb.table("jobs")
+        .update({"touched": 5}, returning="minimal")  # type: ignore[arg-type]
+        .eq("id", 2)
+        .execute()
+    )
     assert minimal.data == []
     assert await env.conn.fetchval("select touched from jobs where id = 2") == 5
 
@@ -218,11 +267,13 @@ async def test_table_reads_and_fenced_updates(env: Env) -> None:
     await sb.table("jobs").upsert({"id": 7, "owner": str(BOB), "status": "done"}).execute()
     assert (await sb.table("jobs").delete().eq("id", 7).execute()).data[0]["status"] == "done"
 
-    for query, code in [(sb.table("jobs").update({"status": "x"}), "21000"),
-                        (sb.table("jobs").delete(), "21000"),
-                        (sb.table("jobs").update({"nope": 1}).eq("id", 1), "PGRST204"),
-                        (sb.table("jobs").insert({"id": 1, "owner": str(ALICE)}), "23505"),
-                        (sb.table("missing").select("*"), "PGRST205")]:
+    for query, code in [
+        (sb.table("jobs").update({"status": "x"}), "21000"),
+        (sb.table("jobs").delete(), "21000"),
+        (sb.table("jobs").update({"nope": 1}).eq("id", 1), "PGRST204"),
+        (sb.table("jobs").insert({"id": 1, "owner": str(ALICE)}), "23505"),
+        (sb.table("missing").select("*"), "PGRST205"),
+    ]:
         with pytest.raises(APIError) as err:
             await query.execute()
         assert err.value.code == code
@@ -255,18 +306,23 @@ async def test_errors_follow_postgrest(env: Env) -> None:
     sb = await env.client()
     service = make_token(SECRET, "service_role")
     await env.add_job(1)
-    cases = [("complete", {"p_id": 1, "p_worker": "w9"}, "PT409", 409),
-             ("boom", {}, "P0001", 400),
-             ("stable_write", {}, "25006", 405),
-             ("nope", {"a": 1, "b": 2}, "PGRST202", 404),
-             ("claim", {"worker": "w"}, "PGRST202", 404),
-             ("get_job", {"p_id": "not-a-number"}, "22P02", 400)]
+    cases = [
+        ("complete", {"p_id": 1, "p_worker": "w9"}, "PT409", 409),
+        ("boom", {}, "P0001", 400),
+        ("stable_write", {}, "25006", 405),
+        ("nope", {"a": 1, "b": 2}, "PGRST202", 404),
+        ("claim", {"worker": "w"}, "PGRST202", 404),
+        ("get_job", {"p_id": "not-a-number"}, "22P02", 400),
+    ]
     for fn, args, code, status in cases:
         with pytest.raises(APIError) as err:
             await sb.rpc(fn, args).execute()
         assert err.value.code == code, fn
-        raw = await env.http.post(f"{env.gateway.url}/rest/v1/rpc/{fn}", json=args,
-                                  headers={"Authorization": f"Bearer {service}"})
+        raw = await env.http.post(
+            f"{env.gateway.url}/rest/v1/rpc/{fn}",
+            json=args,
+            headers={"Authorization": f"Bearer {service}"},
+        )
         assert raw.status_code == status
         assert raw.headers["Proxy-Status"] == f"PostgREST; error={code}"
     with pytest.raises(APIError) as err:
@@ -280,8 +336,10 @@ async def test_errors_follow_postgrest(env: Env) -> None:
     assert err.value.message == "Could not find the function public.nope(a, b) in the schema cache"
     assert await env.conn.fetchval("select touched from jobs where id = 1") == 0  # rolled back
 
-    for token, code in [(make_token("wrong-secret-of-a-decent-length-too!", "service_role"),
-                         "PGRST301"), (make_token(SECRET, "service_role", exp_s=-10), "PGRST303")]:
+    for token, code in [
+        (make_token("wrong-secret-of-a-decent-length-too!", "service_role"), "PGRST301"),
+        (make_token(SECRET, "service_role", exp_s=-10), "PGRST303"),
+    ]:
         with pytest.raises(APIError) as err:
             await (await env.client(token=token)).rpc("whoami", {}).execute()
         assert err.value.code == code
@@ -320,8 +378,11 @@ async def test_injected_faults_surface_like_the_real_client_sees_them(env: Env) 
     gw.inject("rpc/heartbeat", delay=0.6)
     slow = httpx.AsyncClient(http2=False, timeout=0.2)
     try:
-        slow_sb = await acreate_client(gw.url, make_token(SECRET, "service_role"),
-                                       options=AsyncClientOptions(httpx_client=slow))
+        slow_sb = await acreate_client(
+            gw.url,
+            make_token(SECRET, "service_role"),
+            options=AsyncClientOptions(httpx_client=slow),
+        )
         with pytest.raises(httpx.ReadTimeout):
             await slow_sb.rpc("heartbeat", {"p_id": 1}).execute()
     finally:
@@ -341,6 +402,7 @@ async def test_injected_faults_surface_like_the_real_client_sees_them(env: Env) 
     assert rows.data == [{"id": 1}] and gw.count("/jobs") == before + 2 and not gw.faults
     assert (await sb.rpc("heartbeat", {"p_id": 1}).execute()).data == []
     assert gw.counts["POST /rest/v1/rpc/heartbeat"] == 2
+
 
 async def test_get_rpc_json_body_overloads_and_statement_timeouts(env: Env) -> None:
     sb = await env.client()
@@ -364,24 +426,40 @@ async def test_get_rpc_json_body_overloads_and_statement_timeouts(env: Env) -> N
         await sb.rpc("capped", {}).execute()
     assert err.value.code == "57014"
     db = await env.conn.fetchval("select current_database()")
-    await env.conn.execute(f"alter role authenticated in database {db} "
-                           "set statement_timeout = '100ms'")
+    await env.conn.execute(
+        f"alter role authenticated in database {db} set statement_timeout = '100ms'"
+    )
     alice = await env.client("authenticated", ALICE)
     with pytest.raises(APIError) as err:  # role settings apply, as Supabase's per-role timeouts
         await alice.rpc("sleepy", {"p_s": 0.5}).execute()
     assert err.value.code == "57014"
     assert (await sb.rpc("sleepy", {"p_s": 0.2}).execute()).data == []
 
-    head = await env.http.head(f"{env.gateway.url}/rest/v1/jobs", headers={
-        "Authorization": f"Bearer {make_token(SECRET, 'service_role')}"})
+    head = await env.http.head(
+        f"{env.gateway.url}/rest/v1/jobs",
+        headers={"Authorization": f"Bearer {make_token(SECRET, 'service_role')}"},
+    )
     assert head.status_code == 200 and head.content == b""
 
 
-@pytest.mark.parametrize(("state", "message", "authed", "status"), [
-    ("PT409", "", True, 409), ("P0001", "", True, 400), ("23505", "", True, 409),
-    ("42501", "", False, 401), ("42501", "", True, 403), ("42883", "", True, 404),
-    ("25006", "", True, 405), ("57014", "", True, 500), ("40001", "", True, 500),
-    ("21000", "UPDATE requires a WHERE clause", True, 400), ("21000", "more rows", True, 500),
-    ("22P02", "", True, 400), ("08006", "", True, 503), ("PTabc", "", True, 500)])
+@pytest.mark.parametrize(
+    ("state", "message", "authed", "status"),
+    [
+        ("PT409", "", True, 409),
+        ("P0001", "", True, 400),
+        ("23505", "", True, 409),
+        ("42501", "", False, 401),
+        ("42501", "", True, 403),
+        ("42883", "", True, 404),
+        ("25006", "", True, 405),
+        ("57014", "", True, 500),
+        ("40001", "", True, 500),
+        ("21000", "UPDATE requires a WHERE clause", True, 400),
+        ("21000", "more rows", True, 500),
+        ("22P02", "", True, 400),
+        ("08006", "", True, 503),
+        ("PTabc", "", True, 500),
+    ],
+)
 def test_sqlstate_to_http_status(state: str, message: str, authed: bool, status: int) -> None:
     assert http_status(state, message, authed) == status

@@ -53,13 +53,19 @@ def section_progress(index: int, total: int, fraction: float) -> int:
 
 def _usage_of(state: Mapping[str, Any]) -> Usage:
     u = state.get("usage") or {}
-    return Usage(int(u.get("prompt_tokens", 0)), int(u.get("output_tokens", 0)),
-                 int(u.get("thoughts_tokens", 0)))
+    return Usage(
+        int(u.get("prompt_tokens", 0)),
+        int(u.get("output_tokens", 0)),
+        int(u.get("thoughts_tokens", 0)),
+    )
 
 
 def _usage_dict(u: Usage) -> dict[str, int]:
-    return {"prompt_tokens": u.prompt_tokens, "output_tokens": u.output_tokens,
-            "thoughts_tokens": u.thoughts_tokens}
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "output_tokens": u.output_tokens,
+        "thoughts_tokens": u.thoughts_tokens,
+    }
 
 
 class ChapterHandler:
@@ -72,9 +78,12 @@ class ChapterHandler:
     async def __call__(self, ctx: JobContext) -> dict[str, Any]:
         t0 = time.monotonic()
         cfg = self.config
-        payload = parse_payload(ctx.job.job_payload, job_user_id=ctx.job.user_id,
-                                default_model=cfg.default_model,
-                                allowed_models=cfg.allowed_models)
+        payload = parse_payload(
+            ctx.job.job_payload,
+            job_user_id=ctx.job.user_id,
+            default_model=cfg.default_model,
+            allowed_models=cfg.allowed_models,
+        )
         opts = payload.options
         job_id, worker = ctx.job.id, ctx.worker_id
         start = await ctx.store.start_chapter(job_id, worker, cfg.tail_chars)
@@ -84,28 +93,42 @@ class ChapterHandler:
         if chapter["id"] != payload.chapter_id:
             raise PermanentJobError(
                 f"payload chapter {payload.chapter_id} is not the job's chapter {chapter['id']}",
-                kind="bad_payload", user_message="The generation request named another chapter.")
+                kind="bad_payload",
+                user_message="The generation request named another chapter.",
+            )
         state: dict[str, Any] = dict(chapter.get("generation_state") or {})
         usage = _usage_of(state)
 
         outline, usage = await self._outline(ctx, start, opts, chapter, usage)
         total = len(outline.bullets)
         done = int(state.get("sections_done", 0)) if chapter.get("outline") else 0
-        writer = ChapterWriter(ctx.store, job_id, worker, offset=int(chapter["content_length"]),
-                               flush_interval_s=cfg.flush_interval_s, flush_chars=cfg.flush_chars,
-                               progress=section_progress(done, total, 0.0) if done else
-                               OUTLINE_PROGRESS)
+        writer = ChapterWriter(
+            ctx.store,
+            job_id,
+            worker,
+            offset=int(chapter["content_length"]),
+            flush_interval_s=cfg.flush_interval_s,
+            flush_chars=cfg.flush_chars,
+            progress=section_progress(done, total, 0.0) if done else OUTLINE_PROGRESS,
+        )
         tail = str(chapter.get("content_tail") or "")
         words_per_section = max(50, opts.target_words // total)
         try:
             for index in range(done, total):
-                tail, usage = await self._section(ctx, writer, start, opts, outline, index,
-                                                  tail, words_per_section, usage)
-                checkpoint = {"sections_done": index + 1, "content_length": writer.offset,
-                              "usage": _usage_dict(usage), "sections_total": total}
-                await writer.flush(progress=section_progress(index + 1, total, 0.0),
-                                   step=f"section {index + 1}/{total} done",
-                                   checkpoint=checkpoint)
+                tail, usage = await self._section(
+                    ctx, writer, start, opts, outline, index, tail, words_per_section, usage
+                )
+                checkpoint = {
+                    "sections_done": index + 1,
+                    "content_length": writer.offset,
+                    "usage": _usage_dict(usage),
+                    "sections_total": total,
+                }
+                await writer.flush(
+                    progress=section_progress(index + 1, total, 0.0),
+                    step=f"section {index + 1}/{total} done",
+                    checkpoint=checkpoint,
+                )
                 ctx.report(writer.progress, writer.step)
         finally:
             ctx.metrics.chapter_writes.inc(writer.writes)
@@ -114,19 +137,34 @@ class ChapterHandler:
         if words is None:
             raise LeaseLost("finish_chapter refused: the lease was lost")
         ctx.report(100, "completed")
-        for kind, n in (("prompt", usage.prompt_tokens), ("output", usage.output_tokens),
-                        ("thoughts", usage.thoughts_tokens)):
+        for kind, n in (
+            ("prompt", usage.prompt_tokens),
+            ("output", usage.output_tokens),
+            ("thoughts", usage.thoughts_tokens),
+        ):
             ctx.metrics.model_tokens.labels(kind).inc(n)
         return {
-            "chapter_id": payload.chapter_id, "words": words, "sections": total,
-            "model": opts.model, "prompt_tokens": usage.prompt_tokens,
-            "output_tokens": usage.output_tokens, "thoughts_tokens": usage.thoughts_tokens,
-            "duration_s": round(time.monotonic() - t0, 3), "resumed_at_section": done,
-            "writes": writer.writes, "bytes_written": writer.bytes_sent,
+            "chapter_id": payload.chapter_id,
+            "words": words,
+            "sections": total,
+            "model": opts.model,
+            "prompt_tokens": usage.prompt_tokens,
+            "output_tokens": usage.output_tokens,
+            "thoughts_tokens": usage.thoughts_tokens,
+            "duration_s": round(time.monotonic() - t0, 3),
+            "resumed_at_section": done,
+            "writes": writer.writes,
+            "bytes_written": writer.bytes_sent,
         }
 
-    async def _outline(self, ctx: JobContext, start: Mapping[str, Any], opts: ChapterOptions,
-                       chapter: Mapping[str, Any], usage: Usage) -> tuple[Outline, Usage]:
+    async def _outline(
+        self,
+        ctx: JobContext,
+        start: Mapping[str, Any],
+        opts: ChapterOptions,
+        chapter: Mapping[str, Any],
+        usage: Usage,
+    ) -> tuple[Outline, Usage]:
         """The saved outline of an earlier attempt, or a new one (bought once per chapter)."""
         saved = chapter.get("outline") or {}
         if saved.get("bullets"):
@@ -135,16 +173,20 @@ class ChapterHandler:
         prompt = outline_prompt(start, opts, self.config.context_max_tokens)
         outline, used = await self._with_retries(
             lambda: self.model.outline(model=opts.model, system=SYSTEM, prompt=prompt),
-            what="outline")
+            what="outline",
+        )
         usage = usage + used
         bullets = [b.strip() for b in outline.bullets if b.strip()][: opts.sections]
         if len(bullets) < 2:
-            raise RetryableJobError(f"the outline had {len(bullets)} usable bullet(s)",
-                                    kind="model_output_invalid",
-                                    user_message="The model returned an unusable outline.")
+            raise RetryableJobError(
+                f"the outline had {len(bullets)} usable bullet(s)",
+                kind="model_output_invalid",
+                user_message="The model returned an unusable outline.",
+            )
         outline = Outline(outline.title.strip() or str(chapter.get("title") or ""), bullets)
-        ok = await ctx.store.save_outline(ctx.job.id, ctx.worker_id, outline.title,
-                                          {"title": outline.title, "bullets": bullets})
+        ok = await ctx.store.save_outline(
+            ctx.job.id, ctx.worker_id, outline.title, {"title": outline.title, "bullets": bullets}
+        )
         if not ok:
             raise LeaseLost("save_chapter_outline refused: the lease was lost")
         ctx.report(OUTLINE_PROGRESS, "outline")
@@ -163,30 +205,54 @@ class ChapterHandler:
     async def _pause_before_retry(self, exc: RetryableJobError, attempt: int, what: str) -> None:
         if attempt > self.config.section_retries:
             raise exc
-        delay = exc.retry_after if exc.kind == "rate_limited" and exc.retry_after else \
-            self.config.retry_pause_s * attempt * random.uniform(0.5, 1.0)
+        delay = (
+            exc.retry_after
+            if exc.kind == "rate_limited" and exc.retry_after
+            else self.config.retry_pause_s * attempt * random.uniform(0.5, 1.0)
+        )
         if delay > self.config.max_rate_limit_wait_s:
             raise exc  # the job-level retry waits instead of holding a slot
-        log.warning("%s failed (%s), retry %d in %.1fs: %s", what, exc.kind, attempt, delay,
-                    exc.message)
+        log.warning(
+            "%s failed (%s), retry %d in %.1fs: %s", what, exc.kind, attempt, delay, exc.message
+        )
         await asyncio.sleep(delay)
 
-    async def _section(self, ctx: JobContext, writer: ChapterWriter, start: Mapping[str, Any],
-                       opts: ChapterOptions, outline: Outline, index: int, tail: str,
-                       words: int, usage: Usage) -> tuple[str, Usage]:
+    async def _section(
+        self,
+        ctx: JobContext,
+        writer: ChapterWriter,
+        start: Mapping[str, Any],
+        opts: ChapterOptions,
+        outline: Outline,
+        index: int,
+        tail: str,
+        words: int,
+        usage: Usage,
+    ) -> tuple[str, Usage]:
         total = len(outline.bullets)
         step = f"section {index + 1}/{total}: {outline.bullets[index]}"[:160]
         expected_chars = words * CHARS_PER_WORD
         section_start = writer.offset
-        prompt = section_prompt(start, opts, outline.title, outline.bullets, index,
-                                tail[-self.config.tail_chars:], words,
-                                self.config.context_max_tokens)
+        prompt = section_prompt(
+            start,
+            opts,
+            outline.title,
+            outline.bullets,
+            index,
+            tail[-self.config.tail_chars :],
+            words,
+            self.config.context_max_tokens,
+        )
         attempt = 0
         while True:
             written = 0
             section_tail = tail
-            stream = self.model.stream_section(model=opts.model, system=SYSTEM, prompt=prompt,
-                                               max_output_tokens=max(512, words * 3))
+            stream = self.model.stream_section(
+                model=opts.model,
+                system=SYSTEM,
+                prompt=prompt,
+                max_output_tokens=max(512, words * 3),
+            )
             try:
                 async with stream as s:
                     async for delta in s:
@@ -195,9 +261,10 @@ class ChapterHandler:
                         if written == 0 and section_start > 0:
                             delta = "\n\n" + delta.lstrip("\n")
                         written += len(delta)
-                        section_tail = (section_tail + delta)[-self.config.tail_chars:]
-                        await writer.add(delta, section_progress(index, total,
-                                                                 written / expected_chars), step)
+                        section_tail = (section_tail + delta)[-self.config.tail_chars :]
+                        await writer.add(
+                            delta, section_progress(index, total, written / expected_chars), step
+                        )
                         ctx.report(writer.progress, step)
                     usage = usage + s.usage
                 if s.finish_reason == "MAX_TOKENS":

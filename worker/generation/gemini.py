@@ -57,8 +57,18 @@ DAILY_QUOTA_RETRY_AFTER_S = 3600.0
 
 # Endings that mean "the model will not write this"; retrying the same prompt cannot help.
 _BLOCKING_FINISH = frozenset(
-    {"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "OTHER", "LANGUAGE",
-     "IMAGE_SAFETY", "MODEL_ARMOR", "JAILBREAK", "RECITATION"}
+    {
+        "SAFETY",
+        "PROHIBITED_CONTENT",
+        "BLOCKLIST",
+        "SPII",
+        "OTHER",
+        "LANGUAGE",
+        "IMAGE_SAFETY",
+        "MODEL_ARMOR",
+        "JAILBREAK",
+        "RECITATION",
+    }
 )
 _NORMAL_FINISH = frozenset({"STOP", "MAX_TOKENS"})
 _RETRYABLE_STATUS = frozenset({408, 429, 499})
@@ -85,7 +95,10 @@ class _ConnectTimeoutConnector(aiohttp.TCPConnector):
         self._connect_timeout_s = connect_timeout_s
 
     async def connect(
-        self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout  # noqa: ASYNC109 (aiohttp's)
+        self,
+        req: Any,
+        traces: Any,
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's)
     ) -> Any:
         timeout = aiohttp.ClientTimeout(
             total=timeout.total,
@@ -272,8 +285,9 @@ class GeminiModel:
         """Map an SDK or transport exception to a ``JobError``; ``None`` if unknown."""
         if isinstance(exc, genai_errors.APIError):
             return classify_api_error(exc, api_key=self._api_key, mid_stream=received_chunks > 0)
-        if isinstance(exc, (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError,
-                            *_HTTPX_CONNECT)):
+        if isinstance(
+            exc, (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError, *_HTTPX_CONNECT)
+        ):
             return RetryableJobError(
                 _redact(f"cannot connect to Gemini: {type(exc).__name__}: {exc}", self._api_key),
                 kind="model_unavailable",
@@ -470,7 +484,8 @@ def classify_api_error(
         detail["quota_ids"] = quota_ids
         if is_quota_daily(quota_ids):
             return RetryableJobError(
-                message, kind="rate_limited",
+                message,
+                kind="rate_limited",
                 retry_after=max(retry_after or 0.0, DAILY_QUOTA_RETRY_AFTER_S),
                 user_message="The daily Gemini quota is used up; "
                 "the chapter will be retried later.",
@@ -478,23 +493,32 @@ def classify_api_error(
             )
         wait = retry_after if retry_after is not None else DEFAULT_RETRY_AFTER_S
         return RetryableJobError(
-            message, kind="rate_limited", retry_after=wait, detail=detail,
+            message,
+            kind="rate_limited",
+            retry_after=wait,
+            detail=detail,
             user_message=f"Gemini is busy (rate limit); the chapter will be retried "
             f"in about {wait:.0f} seconds.",
         )
     if code >= 500 or code in _RETRYABLE_STATUS:
         if mid_stream:
             return RetryableJobError(
-                message, kind="stream_interrupted", detail=detail,
+                message,
+                kind="stream_interrupted",
+                detail=detail,
                 user_message="Gemini failed while writing; the chapter will be retried.",
             )
         return RetryableJobError(
-            message, kind="model_unavailable", detail=detail,
+            message,
+            kind="model_unavailable",
+            detail=detail,
             user_message=f"Gemini is temporarily unavailable ({label}); "
             "the chapter will be retried.",
         )
     return PermanentJobError(
-        message, kind="model_request_rejected", detail=detail,
+        message,
+        kind="model_request_rejected",
+        detail=detail,
         user_message=f"Gemini rejected the request ({label}). An operator needs to check "
         "the API key, model name or billing.",
     )

@@ -25,8 +25,7 @@ _NOUNS = (
     "mountain village shadow ember thread voice storm orchard bridge"
 ).split()
 _ADJECTIVES = (
-    "quiet old silver distant forgotten bright narrow cold patient hidden small "
-    "restless golden"
+    "quiet old silver distant forgotten bright narrow cold patient hidden small restless golden"
 ).split()
 _VERBS = (
     "waited remembered carried crossed opened followed kept promised watched "

@@ -17,8 +17,17 @@ from worker.errors import PermanentJobError
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 TEXT_OPTIONS = {"genre": 100, "tone": 100, "point_of_view": 60, "audience": 100}
 TENSES = ("past", "present")
-OPTION_NAMES = ("target_words", "sections", "genre", "tone", "point_of_view", "tense",
-                "audience", "instructions", "model")
+OPTION_NAMES = (
+    "target_words",
+    "sections",
+    "genre",
+    "tone",
+    "point_of_view",
+    "tense",
+    "audience",
+    "instructions",
+    "model",
+)
 
 
 @dataclass(frozen=True)
@@ -53,8 +62,9 @@ def _uuid(value: Any) -> str | None:
         return None
 
 
-def _int(opts: Mapping[str, Any], name: str, default: int, lo: int, hi: int,
-         problems: list[str]) -> int:
+def _int(
+    opts: Mapping[str, Any], name: str, default: int, lo: int, hi: int, problems: list[str]
+) -> int:
     value = opts.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         problems.append(f"options.{name} must be a whole number from {lo} to {hi}, got {value!r}")
@@ -62,8 +72,13 @@ def _int(opts: Mapping[str, Any], name: str, default: int, lo: int, hi: int,
     return value
 
 
-def parse_payload(payload: Mapping[str, Any], *, job_user_id: str | None, default_model: str,
-                  allowed_models: Sequence[str]) -> ChapterPayload:
+def parse_payload(
+    payload: Mapping[str, Any],
+    *,
+    job_user_id: str | None,
+    default_model: str,
+    allowed_models: Sequence[str],
+) -> ChapterPayload:
     problems: list[str] = []
     chapter_id = _uuid(payload.get("chapter_id"))
     if chapter_id is None:
@@ -104,18 +119,30 @@ def parse_payload(payload: Mapping[str, Any], *, job_user_id: str | None, defaul
         instructions = ""
     instructions = clean_text(instructions)
     if len(instructions) > 2000:
-        problems.append(f"options.instructions must be at most 2000 characters, got "
-                        f"{len(instructions)}")
+        problems.append(
+            f"options.instructions must be at most 2000 characters, got {len(instructions)}"
+        )
     model = opts.get("model") or default_model
     if model not in allowed_models:
-        problems.append(f"options.model {model!r} is not allowed; choose one of "
-                        f"{', '.join(allowed_models)}")
+        problems.append(
+            f"options.model {model!r} is not allowed; choose one of {', '.join(allowed_models)}"
+        )
 
     if problems:
         raise PermanentJobError(
-            "invalid chapter_generation payload: " + "; ".join(problems), kind="bad_payload",
-            user_message="The generation request was invalid: " + "; ".join(problems))
+            "invalid chapter_generation payload: " + "; ".join(problems),
+            kind="bad_payload",
+            user_message="The generation request was invalid: " + "; ".join(problems),
+        )
     return ChapterPayload(
-        chapter_id=str(chapter_id), user_id=str(user_id),
-        options=ChapterOptions(target_words=target_words, sections=sections,
-                               tense=tense, instructions=instructions, model=model, **texts))
+        chapter_id=str(chapter_id),
+        user_id=str(user_id),
+        options=ChapterOptions(
+            target_words=target_words,
+            sections=sections,
+            tense=tense,
+            instructions=instructions,
+            model=model,
+            **texts,
+        ),
+    )

@@ -21,11 +21,13 @@ def approx_tokens(text: str) -> int:
 
 def style_lines(options: ChapterOptions, preferences: Mapping[str, Any]) -> list[str]:
     lines = []
-    for label, value in (("Genre", options.genre or preferences.get("genre")),
-                         ("Tone", options.tone or preferences.get("tone")),
-                         ("Point of view", options.point_of_view or preferences.get("pov")),
-                         ("Tense", options.tense or preferences.get("tense")),
-                         ("Audience", options.audience or preferences.get("audience"))):
+    for label, value in (
+        ("Genre", options.genre or preferences.get("genre")),
+        ("Tone", options.tone or preferences.get("tone")),
+        ("Point of view", options.point_of_view or preferences.get("pov")),
+        ("Tense", options.tense or preferences.get("tense")),
+        ("Audience", options.audience or preferences.get("audience")),
+    ):
         if value:
             lines.append(f"{label}: {value}")
     return lines
@@ -39,12 +41,14 @@ def story_context(ctx: Mapping[str, Any], max_tokens: int) -> str:
     previous: Sequence[Mapping[str, Any]] = ctx.get("previous") or []
     kept: list[str] = []
     for chap in reversed(previous):  # the nearest chapters matter most
-        block = (f"Chapter {chap.get('number')}: {chap.get('title') or 'untitled'}\n"
-                 f"...{chap.get('tail', '')}")
+        block = (
+            f"Chapter {chap.get('number')}: {chap.get('title') or 'untitled'}\n"
+            f"...{chap.get('tail', '')}"
+        )
         cost = approx_tokens(block)
         if cost > budget:
             if budget > 50:
-                kept.append(block[-budget * CHARS_PER_TOKEN:])
+                kept.append(block[-budget * CHARS_PER_TOKEN :])
             break
         kept.append(block)
         budget -= cost
@@ -60,21 +64,31 @@ def outline_prompt(ctx: Mapping[str, Any], options: ChapterOptions, max_tokens: 
         story_context(ctx, max_tokens),
         "",
         f"Plan chapter {chapter.get('number')}"
-        + (f" titled '{chapter['title']}'" if chapter.get("title") else "") + ".",
+        + (f" titled '{chapter['title']}'" if chapter.get("title") else "")
+        + ".",
         f"Sections: {options.sections}",
         f"Target length: about {options.target_words} words in total.",
         *style_lines(options, story.get("preferences") or {}),
     ]
     if options.instructions:
         lines.append(f"Author's instructions: {options.instructions}")
-    lines.append(f"Return a chapter title and exactly {options.sections} bullets, one per "
-                 "section, each a one-sentence summary of what happens in it.")
+    lines.append(
+        f"Return a chapter title and exactly {options.sections} bullets, one per "
+        "section, each a one-sentence summary of what happens in it."
+    )
     return "\n".join(lines)
 
 
-def section_prompt(ctx: Mapping[str, Any], options: ChapterOptions, title: str,
-                   bullets: Sequence[str], index: int, written_tail: str, words: int,
-                   max_tokens: int) -> str:
+def section_prompt(
+    ctx: Mapping[str, Any],
+    options: ChapterOptions,
+    title: str,
+    bullets: Sequence[str],
+    index: int,
+    written_tail: str,
+    words: int,
+    max_tokens: int,
+) -> str:
     story = ctx.get("story") or {}
     plan = "\n".join(f"{i + 1}. {b}" for i, b in enumerate(bullets))
     lines = [
@@ -88,6 +102,8 @@ def section_prompt(ctx: Mapping[str, Any], options: ChapterOptions, title: str,
         lines.append(f"Author's instructions: {options.instructions}")
     if written_tail:
         lines.append(f"The chapter so far ends with:\n...{written_tail}")
-    lines.append(f"Write section {index + 1} of {len(bullets)} ({bullets[index]}) in about "
-                 f"{words} words. Continue seamlessly from the text so far; output prose only.")
+    lines.append(
+        f"Write section {index + 1} of {len(bullets)} ({bullets[index]}) in about "
+        f"{words} words. Continue seamlessly from the text so far; output prose only."
+    )
     return "\n".join(lines)

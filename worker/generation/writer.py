@@ -19,9 +19,18 @@ from worker.store.base import Store
 
 
 class ChapterWriter:
-    def __init__(self, store: Store, job_id: str, worker_id: str, *, offset: int,
-                 flush_interval_s: float, flush_chars: int, progress: int = 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: Store,
+        job_id: str,
+        worker_id: str,
+        *,
+        offset: int,
+        flush_interval_s: float,
+        flush_chars: int,
+        progress: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.job_id = job_id
         self.worker_id = worker_id
@@ -50,12 +59,19 @@ class ChapterWriter:
             self._buffered += len(text)
         self.progress = max(self.progress, progress)
         self.step = step
-        if self._buffered >= self.flush_chars or \
-                self.clock() - self._last_flush >= self.flush_interval_s:
+        if (
+            self._buffered >= self.flush_chars
+            or self.clock() - self._last_flush >= self.flush_interval_s
+        ):
             await self.flush()
 
-    async def flush(self, *, progress: int | None = None, step: str | None = None,
-                    checkpoint: Mapping[str, Any] | None = None) -> None:
+    async def flush(
+        self,
+        *,
+        progress: int | None = None,
+        step: str | None = None,
+        checkpoint: Mapping[str, Any] | None = None,
+    ) -> None:
         if progress is not None:
             self.progress = max(self.progress, progress)
         if step is not None:
@@ -65,14 +81,23 @@ class ChapterWriter:
         text = "".join(self._buffer)
         step = self.step if self.step != self._sent_step else None  # only when it changes
         ok = await self.store.append_chapter(
-            self.job_id, self.worker_id, offset=self.committed, text=text,
-            progress=self.progress, current_step=step, checkpoint=checkpoint)
+            self.job_id,
+            self.worker_id,
+            offset=self.committed,
+            text=text,
+            progress=self.progress,
+            current_step=step,
+            checkpoint=checkpoint,
+        )
         if not ok:
             raise LeaseLost("chapter append refused: the lease was lost")
         self._sent_step = self.step
         self.writes += 1
-        self.bytes_sent += len(text.encode()) + len((step or "").encode()) + \
-            (len(json.dumps(checkpoint)) if checkpoint is not None else 0)
+        self.bytes_sent += (
+            len(text.encode())
+            + len((step or "").encode())
+            + (len(json.dumps(checkpoint)) if checkpoint is not None else 0)
+        )
         self.committed += len(text)
         self._buffer.clear()
         self._buffered = 0

@@ -175,8 +175,9 @@ class Job:
             started_at=_as_dt(row.get("started_at")),
             created_at=_as_dt(row.get("created_at")),
             error_details=_json_obj(row.get("error_details")) if row.get("error_details") else None,
-            extra={k: _as_dt(v) if k.endswith("_at") else v
-                   for k, v in row.items() if k not in known},
+            extra={
+                k: _as_dt(v) if k.endswith("_at") else v for k, v in row.items() if k not in known
+            },
         )
 
 

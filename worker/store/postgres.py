@@ -41,7 +41,9 @@ FAIL_UPDATE = (
 )
 
 _CONNECTION_ERRORS = (
-    OSError, asyncio.TimeoutError, asyncpg.exceptions.InterfaceError,
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.InternalClientError,  # a pooled connection killed an instant before use
 )
@@ -82,8 +84,14 @@ def _call_sql(fn: str, params: Mapping[str, Any], *, select_star: bool) -> str:
 class PostgresStore(SqlFunctionStore):
     name = "postgres"
 
-    def __init__(self, dsn: str, *, pool_size: int = 10, listen: bool | None = None,
-                 command_timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int = 10,
+        listen: bool | None = None,
+        command_timeout: float = 15.0,
+    ) -> None:
         self.dsn = dsn
         self.pool_size = pool_size
         self.pooler = is_transaction_pooler(dsn)
@@ -96,7 +104,10 @@ class PostgresStore(SqlFunctionStore):
 
     async def open(self) -> PostgresStore:
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=self.pool_size, init=self._init_connection,
+            self.dsn,
+            min_size=1,
+            max_size=self.pool_size,
+            init=self._init_connection,
             command_timeout=self.command_timeout,
             statement_cache_size=0 if self.pooler else 100,
             reset=_keep_session,
@@ -108,8 +119,9 @@ class PostgresStore(SqlFunctionStore):
     @staticmethod
     async def _init_connection(conn: asyncpg.Connection) -> None:
         for typ in ("json", "jsonb"):
-            await conn.set_type_codec(typ, encoder=_encode_json, decoder=json.loads,
-                                      schema="pg_catalog")
+            await conn.set_type_codec(
+                typ, encoder=_encode_json, decoder=json.loads, schema="pg_catalog"
+            )
 
     # -- LISTEN ---------------------------------------------------------------------
     async def _start_listener(self) -> None:
@@ -164,8 +176,9 @@ class PostgresStore(SqlFunctionStore):
             raise InvalidInputError(str(exc)) from exc
 
     async def _value(self, fn: str, params: Mapping[str, Any]) -> Any:
-        return _plain(await self._run("fetchval", _call_sql(fn, params, select_star=False),
-                                      *params.values()))
+        return _plain(
+            await self._run("fetchval", _call_sql(fn, params, select_star=False), *params.values())
+        )
 
     async def _rows(self, fn: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         rows = await self._run("fetch", _call_sql(fn, params, select_star=True), *params.values())
@@ -178,8 +191,15 @@ class PostgresStore(SqlFunctionStore):
     async def _fail_update(self, job_id: str, worker_id: str, values: dict[str, Any]) -> int:
         assert set(values) <= set(_FAIL_COLUMNS)
         status = await self._run(
-            "execute", FAIL_UPDATE, job_id, worker_id, values["status"],
-            values.get("retry_count"), values.get("scheduled_at"), values["error_details"])
+            "execute",
+            FAIL_UPDATE,
+            job_id,
+            worker_id,
+            values["status"],
+            values.get("retry_count"),
+            values.get("scheduled_at"),
+            values["error_details"],
+        )
         return int(status.split()[-1])
 
     async def _fetch_job(self, job_id: str) -> Mapping[str, Any] | None:

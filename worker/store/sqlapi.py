@@ -46,9 +46,11 @@ class SqlFunctionStore(ABC):
     ) -> ClaimedJob | None:
         rows = await self._rows(
             "claim_next_job_v3",
-            {"worker_id": worker_id,
-             "job_types": list(job_types) if job_types else None,
-             "job_lanes": list(job_lanes) if job_lanes else None},
+            {
+                "worker_id": worker_id,
+                "job_types": list(job_types) if job_types else None,
+                "job_lanes": list(job_lanes) if job_lanes else None,
+            },
         )
         return ClaimedJob.from_row(rows[0]) if rows else None
 
@@ -59,27 +61,39 @@ class SqlFunctionStore(ABC):
 
     @transport_retry
     async def heartbeat(self, job_id: str, worker_id: str) -> bool:
-        return bool(await self._value(
-            "update_job_heartbeat", {"p_job_id": job_id, "p_worker_id": worker_id}))
+        return bool(
+            await self._value(
+                "update_job_heartbeat", {"p_job_id": job_id, "p_worker_id": worker_id}
+            )
+        )
 
     async def heartbeat_many(self, job_ids: Sequence[str], worker_id: str) -> set[str]:
         """Not retried here: the next tick is the retry, and /health must see failures now."""
         if not job_ids:
             return set()
         held = await self._column(
-            "heartbeat_jobs", {"p_worker_id": worker_id, "p_job_ids": list(job_ids)})
+            "heartbeat_jobs", {"p_worker_id": worker_id, "p_job_ids": list(job_ids)}
+        )
         return {str(j) for j in held}
 
     @transport_retry
     async def complete(self, job_id: str, worker_id: str, result: Mapping[str, Any]) -> bool:
-        return bool(await self._value(
-            "complete_job",
-            {"p_job_id": job_id, "p_worker_id": worker_id, "p_job_result": dict(result)}))
+        return bool(
+            await self._value(
+                "complete_job",
+                {"p_job_id": job_id, "p_worker_id": worker_id, "p_job_result": dict(result)},
+            )
+        )
 
     @transport_retry
     async def fail(
-        self, job_id: str, worker_id: str, *, error_details: Mapping[str, Any],
-        retry_count: int, retry_at: datetime | None,
+        self,
+        job_id: str,
+        worker_id: str,
+        *,
+        error_details: Mapping[str, Any],
+        retry_count: int,
+        retry_at: datetime | None,
     ) -> bool:
         values: dict[str, Any] = {"error_details": dict(error_details)}
         if retry_at is None:
@@ -90,8 +104,9 @@ class SqlFunctionStore(ABC):
 
     @transport_retry
     async def release(self, job_id: str, worker_id: str) -> bool:
-        return bool(await self._value(
-            "release_job", {"p_job_id": job_id, "p_worker_id": worker_id}))
+        return bool(
+            await self._value("release_job", {"p_job_id": job_id, "p_worker_id": worker_id})
+        )
 
     @transport_retry
     async def release_worker_jobs(self, worker_id: str) -> int:
@@ -118,73 +133,135 @@ class SqlFunctionStore(ABC):
     ) -> dict[str, Any] | None:
         return await self._value(
             "start_chapter_generation",
-            {"p_job_id": job_id, "p_worker_id": worker_id, "p_tail_chars": tail_chars})
+            {"p_job_id": job_id, "p_worker_id": worker_id, "p_tail_chars": tail_chars},
+        )
 
     @transport_retry
     async def save_outline(
         self, job_id: str, worker_id: str, title: str, outline: Mapping[str, Any]
     ) -> bool:
-        return bool(await self._value(
-            "save_chapter_outline",
-            {"p_job_id": job_id, "p_worker_id": worker_id, "p_title": title,
-             "p_outline": dict(outline)}))
+        return bool(
+            await self._value(
+                "save_chapter_outline",
+                {
+                    "p_job_id": job_id,
+                    "p_worker_id": worker_id,
+                    "p_title": title,
+                    "p_outline": dict(outline),
+                },
+            )
+        )
 
     @transport_retry
     async def append_chapter(
-        self, job_id: str, worker_id: str, *, offset: int, text: str, progress: int,
-        current_step: str | None, checkpoint: Mapping[str, Any] | None = None,
+        self,
+        job_id: str,
+        worker_id: str,
+        *,
+        offset: int,
+        text: str,
+        progress: int,
+        current_step: str | None,
+        checkpoint: Mapping[str, Any] | None = None,
     ) -> bool:
-        return bool(await self._value(
-            "append_chapter_content",
-            {"p_job_id": job_id, "p_worker_id": worker_id, "p_offset": offset, "p_text": text,
-             "p_progress": progress, "p_current_step": current_step,
-             "p_checkpoint": dict(checkpoint) if checkpoint is not None else None}))
+        return bool(
+            await self._value(
+                "append_chapter_content",
+                {
+                    "p_job_id": job_id,
+                    "p_worker_id": worker_id,
+                    "p_offset": offset,
+                    "p_text": text,
+                    "p_progress": progress,
+                    "p_current_step": current_step,
+                    "p_checkpoint": dict(checkpoint) if checkpoint is not None else None,
+                },
+            )
+        )
 
     @transport_retry
     async def rewind_chapter(self, job_id: str, worker_id: str, length: int) -> bool:
-        return bool(await self._value(
-            "rewind_chapter_content",
-            {"p_job_id": job_id, "p_worker_id": worker_id, "p_length": length}))
+        return bool(
+            await self._value(
+                "rewind_chapter_content",
+                {"p_job_id": job_id, "p_worker_id": worker_id, "p_length": length},
+            )
+        )
 
     @transport_retry
     async def finish_chapter(self, job_id: str, worker_id: str) -> int | None:
         """Mark the chapter completed; its word count, or None when the lease is lost."""
-        return await self._value(
-            "finish_chapter", {"p_job_id": job_id, "p_worker_id": worker_id})
+        return await self._value("finish_chapter", {"p_job_id": job_id, "p_worker_id": worker_id})
 
     # -- operators --------------------------------------------------------------------
     async def requeue_failed(
-        self, job_ids: Sequence[str] | None = None, job_type: str | None = None,
-        failed_after: datetime | None = None, limit: int = 1000,
+        self,
+        job_ids: Sequence[str] | None = None,
+        job_type: str | None = None,
+        failed_after: datetime | None = None,
+        limit: int = 1000,
     ) -> list[str]:
         ids = await self._column(
             "requeue_failed_jobs",
-            {"p_job_ids": list(job_ids) if job_ids else None, "p_job_type": job_type,
-             "p_failed_after": failed_after, "p_limit": limit})
+            {
+                "p_job_ids": list(job_ids) if job_ids else None,
+                "p_job_type": job_type,
+                "p_failed_after": failed_after,
+                "p_limit": limit,
+            },
+        )
         return [str(i) for i in ids]
 
     async def purge_finished(self, older_than_days: int) -> int:
-        return int(await self._value(
-            "purge_finished_jobs", {"p_older_than_days": older_than_days}) or 0)
+        return int(
+            await self._value("purge_finished_jobs", {"p_older_than_days": older_than_days}) or 0
+        )
 
-    async def enqueue_chapter(self, chapter_id: str, options: Mapping[str, Any] | None = None,
-                              idempotency_key: str | None = None) -> str:
+    async def enqueue_chapter(
+        self,
+        chapter_id: str,
+        options: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
         """``admin_enqueue_chapter``: an operator enqueues on behalf of the chapter's owner."""
-        return str(await self._value(
-            "admin_enqueue_chapter",
-            {"p_chapter_id": chapter_id, "p_options": dict(options or {}),
-             "p_idempotency_key": idempotency_key}))
+        return str(
+            await self._value(
+                "admin_enqueue_chapter",
+                {
+                    "p_chapter_id": chapter_id,
+                    "p_options": dict(options or {}),
+                    "p_idempotency_key": idempotency_key,
+                },
+            )
+        )
 
-    async def enqueue_job(self, job_type: str, payload: Mapping[str, Any] | None = None, *,
-                          priority: int = 0, lane: str = "default", max_retries: int = 3,
-                          delay_s: float = 0.0) -> str:
-        return str(await self._value(
-            "enqueue_job",
-            {"p_job_type": job_type, "p_job_payload": dict(payload or {}),
-             "p_priority": priority, "p_job_lane": lane, "p_max_retries": max_retries,
-             "p_delay_s": delay_s}))
+    async def enqueue_job(
+        self,
+        job_type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        priority: int = 0,
+        lane: str = "default",
+        max_retries: int = 3,
+        delay_s: float = 0.0,
+    ) -> str:
+        return str(
+            await self._value(
+                "enqueue_job",
+                {
+                    "p_job_type": job_type,
+                    "p_job_payload": dict(payload or {}),
+                    "p_priority": priority,
+                    "p_job_lane": lane,
+                    "p_max_retries": max_retries,
+                    "p_delay_s": delay_s,
+                },
+            )
+        )
 
-    async def story_progress(self, story_id: str, *, with_content: bool = False
-                             ) -> list[dict[str, Any]]:
-        return await self._rows("story_progress",
-                                {"p_story_id": story_id, "p_with_content": with_content})
+    async def story_progress(
+        self, story_id: str, *, with_content: bool = False
+    ) -> list[dict[str, Any]]:
+        return await self._rows(
+            "story_progress", {"p_story_id": story_id, "p_with_content": with_content}
+        )

@@ -27,9 +27,11 @@ def build_http_client(concurrency: int, *, timeout_s: float = 15.0) -> httpx.Asy
     return httpx.AsyncClient(
         http2=False,
         timeout=httpx.Timeout(timeout_s, connect=5.0, pool=10.0),
-        limits=httpx.Limits(max_connections=concurrency + 4,
-                            max_keepalive_connections=min(concurrency + 4, 20),
-                            keepalive_expiry=30.0),
+        limits=httpx.Limits(
+            max_connections=concurrency + 4,
+            max_keepalive_connections=min(concurrency + 4, 20),
+            keepalive_expiry=30.0,
+        ),
     )
 
 
@@ -49,8 +51,15 @@ def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
 class SupabaseStore(SqlFunctionStore):
     name = "supabase"
 
-    def __init__(self, url: str, service_role_key: str, *, concurrency: int = 50,
-                 timeout_s: float = 15.0, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        service_role_key: str,
+        *,
+        concurrency: int = 50,
+        timeout_s: float = 15.0,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
         self.url = url
         self._key = service_role_key
         self._http = http or build_http_client(concurrency, timeout_s=timeout_s)
@@ -58,7 +67,8 @@ class SupabaseStore(SqlFunctionStore):
 
     async def open(self) -> SupabaseStore:
         self._client = await acreate_client(
-            self.url, self._key, options=AsyncClientOptions(httpx_client=self._http))
+            self.url, self._key, options=AsyncClientOptions(httpx_client=self._http)
+        )
         return self
 
     @property
@@ -95,14 +105,19 @@ class SupabaseStore(SqlFunctionStore):
     async def _fail_update(self, job_id: str, worker_id: str, values: dict[str, Any]) -> int:
         # PATCH /rest/v1/job_queue?id=eq.<job>&worker_id=eq.<worker>&status=eq.processing
         rows = await self._execute(
-            self.client.table("job_queue").update(_jsonable(values))
-            .eq("id", job_id).eq("worker_id", worker_id).eq("status", "processing"))
+            self.client.table("job_queue")
+            .update(_jsonable(values))
+            .eq("id", job_id)
+            .eq("worker_id", worker_id)
+            .eq("status", "processing")
+        )
         return len(rows or [])
 
     async def _fetch_job(self, job_id: str) -> Mapping[str, Any] | None:
         # supabase-py's own GET retry is off: transport_retry already retries this call.
         rows = await self._execute(
-            self.client.table("job_queue").select("*").eq("id", job_id).limit(1).retry(False))
+            self.client.table("job_queue").select("*").eq("id", job_id).limit(1).retry(False)
+        )
         return rows[0] if rows else None
 
     async def close(self) -> None:
