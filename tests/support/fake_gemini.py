@@ -42,6 +42,7 @@ _WORDS = (
     "forgotten tower thread window slowly again promised kept open"
 ).split()
 
+_QUOTA_METRIC = "generativelanguage.googleapis.com/generate_content_requests"
 _STATUS_TEXT = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
@@ -400,7 +401,7 @@ class FakeGemini:
                     "@type": "type.googleapis.com/google.rpc.QuotaFailure",
                     "violations": [
                         {
-                            "quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
+                            "quotaMetric": _QUOTA_METRIC,
                             "quotaId": b.quota_id,
                             "quotaDimensions": {"location": "global", "model": "gemini-fake"},
                             "quotaValue": "100",
