@@ -274,7 +274,15 @@ async def test_malformed_outline_is_retried(conn, store, model, fake_gemini) -> 
 async def test_bad_payload_fails_before_any_model_call(
     conn, store, model, fake_gemini, payload_options, needle
 ) -> None:
-    _, chapter, job = await chapter_job(conn, options=payload_options)
+    # The enqueue RPC rejects these at the door (tests/sql/test_input_limits.py); the
+    # worker still validates a payload that reached the queue another way.
+    _, chapter, job = await chapter_job(conn)
+    await conn.execute(
+        "update job_queue set job_payload = jsonb_set(job_payload, '{options}', $1::jsonb)"
+        " where id = $2",
+        json.dumps(payload_options),
+        job,
+    )
     await generate(store, model, conn, job, until="status = 'failed'")
     details = json.loads(
         await conn.fetchval("select error_details from job_queue where id = $1", job)

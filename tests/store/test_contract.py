@@ -700,7 +700,7 @@ async def test_enqueue_job(store: SqlFunctionStore, conn) -> None:
 
 async def test_enqueue_chapter_on_behalf_of_its_owner(store: SqlFunctionStore, conn) -> None:
     cj = await chapter_job(conn, link=False)
-    jid = await store.enqueue_chapter(cj.chapter, {"words": 900}, idempotency_key="k-1")
+    jid = await store.enqueue_chapter(cj.chapter, {"target_words": 900}, idempotency_key="k-1")
     assert isinstance(jid, str) and jid != cj.job
     r = await row(conn, jid)
     assert (r["job_type"], str(r["user_id"]), r["idempotency_key"]) == (
@@ -708,7 +708,7 @@ async def test_enqueue_chapter_on_behalf_of_its_owner(store: SqlFunctionStore, c
         cj.user,
         "k-1",
     )
-    assert r["job_payload"]["options"] == {"words": 900}
+    assert r["job_payload"]["options"] == {"target_words": 900}
     assert await store.enqueue_chapter(cj.chapter, idempotency_key="k-1") == jid
     ch = await chapter(conn, cj.chapter)
     assert (str(ch["generation_job_id"]), ch["status"]) == (jid, "queued")

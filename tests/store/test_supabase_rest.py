@@ -373,9 +373,9 @@ RPC_CASES: list[
     ),
     (
         "enqueue_chapter",
-        lambda s: s.enqueue_chapter("c1", {"words": 900}, "k1"),
+        lambda s: s.enqueue_chapter("c1", {"target_words": 900}, "k1"),
         "admin_enqueue_chapter",
-        {"p_chapter_id": "c1", "p_options": {"words": 900}, "p_idempotency_key": "k1"},
+        {"p_chapter_id": "c1", "p_options": {"target_words": 900}, "p_idempotency_key": "k1"},
         JOB,
         JOB,
     ),
