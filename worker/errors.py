@@ -9,11 +9,12 @@ into the structured ``error_details`` JSONB stored on the job.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.store.base import StoreError
+from worker.store.base import BadJobRowError, StoreError
 
 
 class JobError(Exception):
@@ -82,6 +83,15 @@ def classify(exc: BaseException) -> Classified:
         return Classified(
             exc.kind, exc.message, exc.user_message, exc.retryable, exc.retry_after, exc.detail
         )
+    if isinstance(exc, BadJobRowError):
+        return Classified(
+            "bad_payload",
+            str(exc),
+            "The generation request was invalid and was not run.",
+            False,
+            None,
+            {},
+        )
     if isinstance(exc, StoreError):
         return Classified(
             "store_" + exc.kind,
@@ -110,6 +120,21 @@ def classify(exc: BaseException) -> Classified:
     )
 
 
+# A retry promise at the end of a user message ("...; the chapter will be retried in about
+# 30 seconds."): kept only when the runner will in fact retry.
+_RETRY_PROMISE = re.compile(r"[;,]?\s*the chapter will be retried[^.;]*\.?\s*$", re.IGNORECASE)
+
+
+def outcome_message(user_message: str, *, will_retry: bool) -> str:
+    """The user message, telling the truth about what happens next."""
+    if will_retry:
+        return user_message
+    cause = _RETRY_PROMISE.sub("", user_message).rstrip(" .;,")
+    if cause == user_message.rstrip(" .;,"):
+        return user_message
+    return f"{cause}. Generation stopped; you can start it again."
+
+
 def error_details(
     failure: Classified,
     *,
@@ -122,7 +147,7 @@ def error_details(
     details: dict[str, Any] = {
         "type": failure.kind,
         "message": failure.message[:2000],
-        "user_message": failure.user_message[:500],
+        "user_message": outcome_message(failure.user_message, will_retry=will_retry)[:500],
         "retryable": failure.retryable,
         "will_retry": will_retry,
         "attempt": attempt,

@@ -26,6 +26,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 MASK = "***"
+# Bounds on one record: a job's payload or a model's answer can be megabytes, and a
+# log line that size is lost by the platform's collector (and costs what it stores).
+MAX_MESSAGE_CHARS = 4000
+MAX_FIELD_CHARS = 1000
+MAX_FIELD_ITEMS = 50
+MAX_TRACEBACK_CHARS = 12000
+_FIELD_LIMITS = {"msg": MAX_MESSAGE_CHARS, "exc": MAX_TRACEBACK_CHARS, "stack": MAX_TRACEBACK_CHARS}
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMATS = ("auto", "json", "text")
 CONTEXT_FIELDS = ("worker_id", "job_id", "job_type", "attempt")
@@ -132,19 +139,27 @@ def redact(text: str) -> str:
     return _SUPABASE_SECRET_KEY.sub(MASK, text)
 
 
+def clip(text: str, limit: int) -> str:
+    """At most ``limit`` characters, saying how many were cut: user input can be huge."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} more characters]"
+
+
 def _scrub(value: Any, key: str | None = None, depth: int = 0) -> Any:
-    """A JSON-ready, redacted copy of a log field (nested containers included)."""
+    """A JSON-ready, redacted, length-bounded copy of a log field (nested containers too)."""
     if key is not None and value is not None and _SECRET_KEY_NAME.search(key):
         return MASK
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, str):
-        return redact(value)
+        return clip(redact(value), _FIELD_LIMITS.get(key or "", MAX_FIELD_CHARS))
     if depth < 5 and isinstance(value, Mapping):
-        return {str(k): _scrub(v, str(k), depth + 1) for k, v in value.items()}
+        items = list(value.items())[:MAX_FIELD_ITEMS]
+        return {str(k)[:100]: _scrub(v, str(k), depth + 1) for k, v in items}
     if depth < 5 and isinstance(value, list | tuple | set | frozenset):
-        return [_scrub(v, None, depth + 1) for v in value]
-    return redact(str(value))
+        return [_scrub(v, None, depth + 1) for v in list(value)[:MAX_FIELD_ITEMS]]
+    return clip(redact(str(value)[: MAX_FIELD_CHARS * 4]), MAX_FIELD_CHARS)
 
 
 # --------------------------------------------------------------------------- records
@@ -187,13 +202,13 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a bad %-format must not lose the record
             message = f"{record.msg!s} {record.args!r}"
-        record.msg, record.args = redact(message), None
+        record.msg, record.args = clip(redact(message), MAX_MESSAGE_CHARS), None
         for key, value in list(_extras(record)):
             record.__dict__[key] = _scrub(value, key)
         if record.exc_info and not record.exc_text:
             record.exc_text = self._plain.formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = redact(record.exc_text)
+            record.exc_text = clip(redact(record.exc_text), MAX_TRACEBACK_CHARS)
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
         return True

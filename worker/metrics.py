@@ -55,6 +55,11 @@ class Metrics:
         self.heartbeat_failures = Counter(
             "genworker_heartbeat_failures_total", "Heartbeat rounds that failed", registry=r
         )
+        self.claim_loop_errors = Counter(
+            "genworker_claim_loop_errors_total",
+            "Unexpected errors in the claim loop (logged and backed off, never fatal)",
+            registry=r,
+        )
         self.store_errors = Counter(
             "genworker_store_errors_total", "Database call failures", ["op"], registry=r
         )

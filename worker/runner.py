@@ -184,11 +184,20 @@ class Runner:
             t0 = time.monotonic()
             try:
                 claimed = await self._claim_once()
-            except StoreError as exc:
+            except Exception as exc:
+                # Whatever goes wrong here, the loop backs off and carries on: one job's
+                # data cannot reach this point (ClaimedJob keeps it as payload_error), and
+                # a process that exits would only be restarted into the same state.
                 self.consecutive_store_errors += 1
                 self._store_result(exc)
-                self.metrics.store_errors.labels("claim").inc()
-                log.warning("claim failed (%d in a row): %s", self.consecutive_store_errors, exc)
+                if isinstance(exc, StoreError):
+                    self.metrics.store_errors.labels("claim").inc()
+                    log.warning(
+                        "claim failed (%d in a row): %s", self.consecutive_store_errors, exc
+                    )
+                else:
+                    self.metrics.claim_loop_errors.inc()
+                    log.error("unexpected error in the claim loop; backing off", exc_info=True)
                 idle = min(self.config.poll_max_interval_s, idle * 2)
                 await asyncio.sleep(idle * random.uniform(0.5, 1.0))
                 continue
@@ -258,6 +267,12 @@ class Runner:
         job: Job | None = None
         with job_context(claimed.job_id, claimed.job_type, claimed.retry_count + 1):
             try:
+                if claimed.payload_error is not None:
+                    raise PermanentJobError(
+                        f"the job's payload cannot be read: {claimed.payload_error}",
+                        kind="bad_payload",
+                        user_message="The generation request was invalid and was not run.",
+                    )
                 job = await self.store.get_job(claimed.job_id)
                 if (
                     job is None

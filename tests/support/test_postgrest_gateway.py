@@ -108,6 +108,16 @@ create function public.whoami() returns jsonb language sql stable as $$
     'path', current_setting('request.path', true),
     'read_only', current_setting('transaction_read_only'))
 $$;
+
+-- The project's migrations close Supabase's default privileges, so these test objects
+-- are granted explicitly, as Supabase's defaults would have done.
+grant all on public.jobs to authenticated, service_role;
+grant execute on function public.claim(text, text[]), public.get_job(bigint),
+  public.is_owner(bigint, text), public.heartbeat(bigint), public.complete(bigint, text),
+  public.boom(), public.touch_all(), public.stable_write(),
+  public.echo(text[], uuid[], jsonb, text), public.takes_json(jsonb), public.ov(int),
+  public.ov(int, int), public.sleepy(float8), public.capped(), public.whoami()
+  to public, anon, authenticated, service_role;
 """
 
 

@@ -7,6 +7,7 @@ problem, stored on the job and shown on the chapter.
 from __future__ import annotations
 
 import re
+import reprlib
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,16 @@ def clean_text(value: str) -> str:
     return _CONTROL.sub("", value).strip()
 
 
+_SHOWN = reprlib.Repr()  # keyword arguments need Python 3.12
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 2, 60, 60, 40
+
+
+def shown(value: Any) -> str:
+    """A user-supplied value as it may appear in an error or a log line: bounded in size
+    and depth (reprlib), whatever the user sent."""
+    return _SHOWN.repr(value)
+
+
 def _uuid(value: Any) -> str | None:
     try:
         return str(uuid.UUID(str(value)))
@@ -67,7 +78,9 @@ def _int(
 ) -> int:
     value = opts.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        problems.append(f"options.{name} must be a whole number from {lo} to {hi}, got {value!r}")
+        problems.append(
+            f"options.{name} must be a whole number from {lo} to {hi}, got {shown(value)}"
+        )
         return default
     return value
 
@@ -82,10 +95,10 @@ def parse_payload(
     problems: list[str] = []
     chapter_id = _uuid(payload.get("chapter_id"))
     if chapter_id is None:
-        problems.append(f"chapter_id must be a UUID, got {payload.get('chapter_id')!r}")
+        problems.append(f"chapter_id must be a UUID, got {shown(payload.get('chapter_id'))}")
     user_id = _uuid(payload.get("user_id"))
     if user_id is None:
-        problems.append(f"user_id must be a UUID, got {payload.get('user_id')!r}")
+        problems.append(f"user_id must be a UUID, got {shown(payload.get('user_id'))}")
     elif job_user_id is not None and user_id != job_user_id:
         problems.append("user_id does not match the user who enqueued the job")
     opts = payload.get("options", {})
@@ -96,7 +109,10 @@ def parse_payload(
         opts = {}
     unknown = sorted(set(opts) - set(OPTION_NAMES))
     if unknown:
-        problems.append(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTION_NAMES)}")
+        problems.append(
+            f"unknown option(s) {shown(', '.join(map(str, unknown[:5])))}; "
+            f"known: {', '.join(OPTION_NAMES)}"
+        )
 
     target_words = _int(opts, "target_words", 1500, 200, 8000, problems)
     sections = _int(opts, "sections", 5, 2, 12, problems)
@@ -109,7 +125,7 @@ def parse_payload(
         texts[name] = clean_text(value) or None if isinstance(value, str) else None
     tense = opts.get("tense")
     if tense is not None and tense not in TENSES:
-        problems.append(f"options.tense must be one of {', '.join(TENSES)}, got {tense!r}")
+        problems.append(f"options.tense must be one of {', '.join(TENSES)}, got {shown(tense)}")
         tense = None
     instructions = opts.get("instructions", "")
     if instructions is None:
@@ -125,7 +141,8 @@ def parse_payload(
     model = opts.get("model") or default_model
     if model not in allowed_models:
         problems.append(
-            f"options.model {model!r} is not allowed; choose one of {', '.join(allowed_models)}"
+            f"options.model {shown(model)} is not allowed; "
+            f"choose one of {', '.join(allowed_models)}"
         )
 
     if problems:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from worker.generation.payload import ChapterOptions
+from worker.generation.payload import TEXT_OPTIONS, ChapterOptions, clean_text
 
 SYSTEM = (
     "You are a novelist writing one chapter of a serialized story. Write vivid, coherent "
@@ -19,14 +19,29 @@ def approx_tokens(text: str) -> int:
     return len(text) // CHARS_PER_TOKEN + 1
 
 
+def _preference(preferences: Mapping[str, Any], key: str, limit: int) -> str | None:
+    """A story preference as the prompt may use it: text, cleaned, within the same cap as
+    the job option (and as the stories check constraint), whatever the row holds."""
+    value = preferences.get(key)
+    if not isinstance(value, str):
+        return None
+    return clean_text(value)[:limit] or None
+
+
 def style_lines(options: ChapterOptions, preferences: Mapping[str, Any]) -> list[str]:
     lines = []
     for label, value in (
-        ("Genre", options.genre or preferences.get("genre")),
-        ("Tone", options.tone or preferences.get("tone")),
-        ("Point of view", options.point_of_view or preferences.get("pov")),
-        ("Tense", options.tense or preferences.get("tense")),
-        ("Audience", options.audience or preferences.get("audience")),
+        ("Genre", options.genre or _preference(preferences, "genre", TEXT_OPTIONS["genre"])),
+        ("Tone", options.tone or _preference(preferences, "tone", TEXT_OPTIONS["tone"])),
+        (
+            "Point of view",
+            options.point_of_view or _preference(preferences, "pov", TEXT_OPTIONS["point_of_view"]),
+        ),
+        ("Tense", options.tense or _preference(preferences, "tense", 20)),
+        (
+            "Audience",
+            options.audience or _preference(preferences, "audience", TEXT_OPTIONS["audience"]),
+        ),
     ):
         if value:
             lines.append(f"{label}: {value}")

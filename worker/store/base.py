@@ -116,23 +116,63 @@ def _as_dt(value: Any) -> datetime | None:
     return datetime.fromisoformat(str(value))
 
 
+class BadJobRowError(StoreError):
+    """A claimed job's row cannot be read (its payload, most often): that job fails as
+    ``bad_payload`` on its first attempt; it is never an error of the claim loop."""
+
+    kind = "bad_payload"
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A JSON value the decoder refused (too deep, malformed): kept, not raised, so the
+    job that carries it can be failed by id instead of stopping whoever decoded it."""
+
+    error: str
+
+
+def decode_json(text: str | bytes) -> Any:
+    """``json.loads`` that returns ``Undecodable`` instead of raising (used as a codec)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return Undecodable(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
 @dataclass(frozen=True)
 class ClaimedJob:
-    """What ``claim_next_job_v3`` returns: only part of the job (step one of two)."""
+    """What ``claim_next_job_v3`` returns: only part of the job (step one of two).
+
+    ``payload_error`` is set when the row came back but could not be read: the runner
+    then fails the job as ``bad_payload`` instead of running it.
+    """
 
     job_id: str
     job_type: str
     job_payload: dict[str, Any]
     retry_count: int
+    payload_error: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> ClaimedJob:
-        return cls(
-            job_id=str(row["job_id"]),
-            job_type=row["job_type"],
-            job_payload=_json_obj(row.get("job_payload")),
-            retry_count=int(row.get("retry_count") or 0),
-        )
+        if row.get("job_id") is None:
+            raise StoreError("claim returned a row without job_id")
+        job_id = str(row["job_id"])
+        try:
+            return cls(
+                job_id=job_id,
+                job_type=str(row["job_type"]),
+                job_payload=_json_obj(row.get("job_payload")),
+                retry_count=int(row.get("retry_count") or 0),
+            )
+        except Exception as exc:  # anything wrong with this row belongs to this job
+            return cls(
+                job_id=job_id,
+                job_type=str(row.get("job_type") or "unknown"),
+                job_payload={},
+                retry_count=_int_or_zero(row.get("retry_count")),
+                payload_error=f"{type(exc).__name__}: {str(exc)[:300]}",
+            )
 
 
 @dataclass(frozen=True)
@@ -158,6 +198,16 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
+        """The full row; ``BadJobRowError`` (never anything else) when it cannot be read."""
+        try:
+            return cls._from_row(row)
+        except Exception as exc:
+            raise BadJobRowError(
+                f"job {row.get('id')} could not be read: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from exc
+
+    @classmethod
+    def _from_row(cls, row: Mapping[str, Any]) -> Job:
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         return cls(
             id=str(row["id"]),
@@ -181,14 +231,21 @@ class Job:
         )
 
 
+def _int_or_zero(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _json_obj(value: Any) -> dict[str, Any]:
-    """asyncpg hands jsonb over as text unless a codec is set; REST gives dicts."""
+    """A decoded JSON object, or ValueError saying why not (both transports decode)."""
     if value is None:
         return {}
-    if isinstance(value, str):
-        value = json.loads(value)
+    if isinstance(value, Undecodable):
+        raise ValueError(f"payload is not valid JSON ({value.error})")
     if not isinstance(value, dict):
-        return {"value": value}
+        raise ValueError(f"payload must be a JSON object, not {type(value).__name__}")
     return value
 
 

@@ -22,6 +22,7 @@ from worker.store.base import (
     InvalidInputError,
     StoreError,
     TransientStoreError,
+    decode_json,
     error_from_code,
 )
 from worker.store.sqlapi import SqlFunctionStore
@@ -120,7 +121,7 @@ class PostgresStore(SqlFunctionStore):
     async def _init_connection(conn: asyncpg.Connection) -> None:
         for typ in ("json", "jsonb"):
             await conn.set_type_codec(
-                typ, encoder=_encode_json, decoder=json.loads, schema="pg_catalog"
+                typ, encoder=_encode_json, decoder=decode_json, schema="pg_catalog"
             )
 
     # -- LISTEN ---------------------------------------------------------------------

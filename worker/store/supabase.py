@@ -19,7 +19,12 @@ import httpx
 from postgrest.exceptions import APIError
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
-from worker.store.base import InvalidInputError, TransientStoreError, error_from_code
+from worker.store.base import (
+    InvalidInputError,
+    StoreError,
+    TransientStoreError,
+    error_from_code,
+)
 from worker.store.sqlapi import SqlFunctionStore
 
 
@@ -85,6 +90,8 @@ class SupabaseStore(SqlFunctionStore):
             raise error_from_code(str(code), exc.message or str(exc)) from exc
         except (httpx.TransportError, json.JSONDecodeError) as exc:
             raise TransientStoreError(f"{type(exc).__name__}: {exc}") from exc
+        except RecursionError as exc:  # the database bounds payload depth; never fatal here
+            raise StoreError("a Data API answer was nested too deeply to decode") from exc
         except ValueError as exc:  # supabase-py refuses NaN/inf before sending
             raise InvalidInputError(str(exc)) from exc
         if isinstance(data, str) and not _is_uuid(data):
