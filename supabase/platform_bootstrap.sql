@@ -21,6 +21,13 @@ end $$;
 
 grant anon, authenticated, service_role to authenticator;
 
+-- Supabase's statement timeouts for API requests (its "Timeouts" guide): anon 3 s,
+-- authenticated 8 s, and service_role inherits the authenticator's 8 s. PostgREST (and
+-- the test gateway) applies the impersonated role's setting to each request.
+alter role anon set statement_timeout = '3s';
+alter role authenticated set statement_timeout = '8s';
+alter role authenticator set statement_timeout = '8s';
+
 create schema if not exists auth;
 grant usage on schema auth to anon, authenticated, service_role;
 
