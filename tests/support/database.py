@@ -56,6 +56,18 @@ class PgTestServer:
             await conn.close()
         return with_database(self.admin_dsn, name)
 
+    async def create_empty_database(self, owner: str | None = None) -> str:
+        """A database with nothing applied (migration tests), optionally owned by a role."""
+        name = "e_" + uuid.uuid4().hex[:12]
+        conn = await self._admin()
+        try:
+            await conn.execute(
+                f"create database {name} template template0" + (f" owner {owner}" if owner else "")
+            )
+        finally:
+            await conn.close()
+        return with_database(self.admin_dsn, name)
+
     async def drop_database(self, dsn: str) -> None:
         name = urlsplit(dsn).path.lstrip("/")
         conn = await self._admin()
