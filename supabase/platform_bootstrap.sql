@@ -70,9 +70,37 @@ alter default privileges in schema public grant all on tables to anon, authentic
 alter default privileges in schema public grant all on functions to anon, authenticated, service_role;
 alter default privileges in schema public grant all on sequences to anon, authenticated, service_role;
 
+-- The role that runs the migrations. On a hosted project that is `postgres`, which is
+-- not a superuser: it is a member of the API roles, may reference auth.users, owns the
+-- supabase_realtime publication, and the defaults above are set for it too. Here it is
+-- the role named by the setting genworker.migration_owner (the suite's non-superuser
+-- run sets it), else whoever applies this file.
+do $$
+declare
+  v_kind text;
+  v_owner text := coalesce(nullif(current_setting('genworker.migration_owner', true), ''),
+                           current_user);
+begin
+  if v_owner = current_user then
+    return;
+  end if;
+  execute format('grant anon, authenticated, service_role to %I', v_owner);
+  execute format('grant usage on schema auth to %I', v_owner);
+  execute format('grant select, references on auth.users to %I', v_owner);
+  execute format('grant usage, create on schema public to %I', v_owner);
+  foreach v_kind in array array['tables', 'functions', 'sequences'] loop
+    execute format('alter default privileges for role %I in schema public grant all on %s'
+                   ' to anon, authenticated, service_role', v_owner, v_kind);
+  end loop;
+end $$;
+
 do $$
 begin
   if not exists (select 1 from pg_publication where pubname = 'supabase_realtime') then
     create publication supabase_realtime;
+  end if;
+  if nullif(current_setting('genworker.migration_owner', true), '') is not null then
+    execute format('alter publication supabase_realtime owner to %I',
+                   current_setting('genworker.migration_owner'));
   end if;
 end $$;
