@@ -98,3 +98,13 @@ async def test_outline_sections_from_prompt() -> None:
     assert len(default.bullets) == 5
     again, _ = await model.outline(model="m", system=SYSTEM, prompt="A tale.")
     assert again == default
+
+
+def test_story_preferences_reach_the_prompt_within_the_option_caps() -> None:
+    """A row that holds more (stored before the check constraint) is cut to the caps."""
+    from worker.generation.payload import TEXT_OPTIONS, ChapterOptions
+    from worker.generation.prompts import style_lines
+
+    prefs = {"genre": "g" * 1_100_000, "pov": "p\x00" * 500, "tone": ["not", "text"]}
+    lines = style_lines(ChapterOptions(), prefs)
+    assert lines == [f"Genre: {'g' * TEXT_OPTIONS['genre']}", f"Point of view: {'p' * 60}"]

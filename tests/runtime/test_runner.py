@@ -93,7 +93,11 @@ async def test_transient_error_retries_with_backoff_then_fails(db_dsn: str, conn
 
     async def flaky(ctx: JobContext) -> dict:
         attempts.append(ctx.attempt)
-        raise RetryableJobError("Gemini 503", kind="model_unavailable")
+        raise RetryableJobError(
+            "Gemini 503",
+            kind="model_unavailable",
+            user_message="Gemini is unavailable; the chapter will be retried.",
+        )
 
     async with open_store("postgres", db_dsn) as store, running(store, {"flaky": flaky}):
         await wait_until(
@@ -114,6 +118,11 @@ async def test_transient_error_retries_with_backoff_then_fails(db_dsn: str, conn
         if (e["from_status"], e["to_status"]) == ("processing", "pending")
     ]
     assert len(retries) == 2 and all(r["will_retry"] and r["retry_in_s"] > 0 for r in retries)
+    # Retries promise a retry; the final failure tells the truth.
+    assert all(r["user_message"].endswith("will be retried.") for r in retries)
+    assert details["user_message"] == (
+        "Gemini is unavailable. Generation stopped; you can start it again."
+    )
 
 
 async def test_permanent_error_fails_without_retry(db_dsn: str, conn) -> None:
