@@ -25,6 +25,7 @@ from worker.store.base import (
     InvalidInputError,
     Job,
     NotFoundError,
+    RateLimitedError,
     Store,
 )
 from worker.store.sqlapi import SqlFunctionStore
@@ -727,3 +728,41 @@ async def test_story_progress(
     assert rows[1]["content"] is None and rows[0]["content_length"] == 53
     assert (await store.story_progress(cj.story, with_content=True))[0]["content"].endswith("END")
     assert rows[1]["chapter_id"] == cj.chapter and rows[1]["job_id"] == cj.job
+
+
+# -- limits at the door (migration 20261201000100), as each adapter reports them ---------------
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        ({"colour": "blue"}, "unknown key 'colour'"),
+        ({"sections": "5"}, "p_options.sections must be a whole number"),
+        ({"genre": "x" * 101}, "p_options.genre must be text of at most 100"),
+    ],
+)
+async def test_bad_chapter_options_are_an_invalid_input_naming_the_key(
+    store: SqlFunctionStore, conn, options, needle
+) -> None:
+    cj = await chapter_job(conn, link=False)
+    with pytest.raises(InvalidInputError) as err:
+        await store.enqueue_chapter(cj.chapter, options)
+    assert err.value.code == "PT400" and needle in str(err.value)
+    assert await conn.fetchval("select count(*) from job_queue where user_id = $1", cj.user) == 1
+
+
+@pytest.mark.parametrize("payload", [["a", "list"], "hello", {"a": "x" * 70_000}])
+async def test_a_payload_that_is_not_a_small_object_is_refused(
+    store: SqlFunctionStore, conn, payload
+) -> None:
+    before = await conn.fetchval("select count(*) from job_queue")
+    with pytest.raises(InvalidInputError) as err:
+        await store._value("enqueue_job", {"p_job_type": "noop", "p_job_payload": payload})
+    assert err.value.code == "PT400" and "job_payload" in str(err.value)
+    assert await conn.fetchval("select count(*) from job_queue") == before
+
+
+async def test_the_per_user_cap_is_a_clear_rate_limit_error(store: SqlFunctionStore, conn) -> None:
+    cj = await chapter_job(conn, link=False)
+    await conn.execute("update job_lanes set max_active_per_user = 1 where lane = 'default'")
+    with pytest.raises(RateLimitedError) as err:
+        await store.enqueue_chapter(cj.chapter)
+    assert err.value.code == "PT429" and "too many active jobs" in str(err.value)

@@ -59,6 +59,12 @@ class InvalidInputError(StoreError):
     kind = "invalid"
 
 
+class RateLimitedError(StoreError):
+    """A per-user cap in the database refused the call (PT429); retrying now will not help."""
+
+    kind = "rate_limited"
+
+
 # SQLSTATEs and PostgREST codes, mapped once for both adapters.
 _TRANSIENT = {
     "PGRST000",
@@ -91,6 +97,7 @@ _BY_CODE: dict[str, type[StoreError]] = {
     "PGRST202": NotFoundError,
     "42883": NotFoundError,
     "PT400": InvalidInputError,
+    "PT429": RateLimitedError,
     "22023": InvalidInputError,
     "22P02": InvalidInputError,
     "23514": InvalidInputError,
