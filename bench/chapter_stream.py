@@ -3,7 +3,7 @@
     python bench/chapter_stream.py            # 50 chapters x 5 sections x ~600 words
     python bench/chapter_stream.py --quick    # 10 chapters x 3 sections x ~300 words
 
-The worker is the production assembly: the real Runner, PostgresStore (LISTEN on),
+The worker is the production assembly: the real Runner, the Store over asyncpg (LISTEN on),
 ChapterHandler with the production defaults (FLUSH_INTERVAL_MS=1000,
 FLUSH_CHARS=2000, HEARTBEAT_INTERVAL_S=10, GEMINI_* defaults) and GeminiModel, i.e.
 the unmodified google-genai SDK over aiohttp, talking to tests/support/fake_gemini.py.
@@ -368,7 +368,8 @@ async def run(args: argparse.Namespace) -> int:
     from worker.generation.gemini import GeminiModel
     from worker.handlers import build_handlers
     from worker.runner import RunnerConfig
-    from worker.store.postgres import PostgresStore
+    from worker.store import Store
+    from worker.store.postgres import PostgresTransport
 
     rss = RssSampler()
     async with throwaway_database() as (cluster, admin, server_version):
@@ -400,9 +401,10 @@ async def run(args: argparse.Namespace) -> int:
                 else f"postgresql://{cluster.user}@127.0.0.1:{fake.proxy_port}/postgres"
             )
 
-            store = await PostgresStore(
+            transport = PostgresTransport(
                 worker_dsn, pool_size=min(20, args.concurrency + 2), listen=True
-            ).open()
+            )
+            store = await Store(transport).open()
             model = GeminiModel(
                 api_key="bench-not-a-real-key",
                 base_url=fake.base_url,

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from worker.runner import Handler, Runner, RunnerConfig
-    from worker.store.base import Store
+    from worker.jobs import Handler
+    from worker.runner import Runner, RunnerConfig
+    from worker.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = sys.stdout  # figures go here; the worker's log lines go to a temporary file

@@ -1,4 +1,4 @@
-"""Queue benchmark: no-op jobs through the real Runner and PostgresStore.
+"""Queue benchmark: no-op jobs through the real Runner and the Store over asyncpg.
 
     python bench/queue_throughput.py            # 5,000 jobs + 2 x 200 latency probes
     python bench/queue_throughput.py --quick    # a smaller run (about 20 s)
@@ -48,8 +48,10 @@ from measure import (
 )
 
 from worker.handlers import noop
-from worker.runner import JobContext, RunnerConfig
-from worker.store.postgres import PostgresStore
+from worker.jobs import JobContext
+from worker.runner import RunnerConfig
+from worker.store import Store
+from worker.store.postgres import PostgresTransport
 
 # -- measuring -------------------------------------------------------------------------
 
@@ -99,7 +101,7 @@ async def throughput(
     insert_s = time.monotonic() - t
     if analyze:
         await admin.execute("analyze job_queue")
-    store = await PostgresStore(dsn, pool_size=args.pool_size, listen=True).open()
+    store = await Store(PostgresTransport(dsn, pool_size=args.pool_size, listen=True)).open()
     worker_id = f"bench-tput-{'analyzed' if analyze else 'fresh'}"
     try:
         cpu0, t0 = cpu_s(), time.monotonic()
@@ -161,8 +163,9 @@ async def latency(
         return await noop(ctx)
 
     mode = "listen" if listen else "poll"
-    store = await PostgresStore(dsn, pool_size=args.pool_size, listen=listen).open()
-    if listen and not store.listening:
+    transport = PostgresTransport(dsn, pool_size=args.pool_size, listen=listen)
+    store = await Store(transport).open()
+    if listen and not transport.listening:
         raise RuntimeError("LISTEN connection did not come up")
     lo, hi = args.gap_ms
     ids: list[str] = []
@@ -195,7 +198,7 @@ async def latency(
         "mean_ms": statistics.fmean(lat) * 1000,
         "commit_p50_ms": pct(from_commit, 50) * 1000,
         "commit_p95_ms": pct(from_commit, 95) * 1000,
-        "notifications": store.notifications,
+        "notifications": transport.notifications,
     }
 
 
@@ -310,7 +313,7 @@ def report(
         "fsync=off, synchronous_commit=off)",
         f"calibration: one asyncpg round trip ('select 1') costs {calib_us:.0f} us of this "
         "process's CPU on this machine",
-        f"worker: real Runner + PostgresStore, concurrency {args.concurrency}, pool "
+        f"worker: real Runner + Store over asyncpg, concurrency {args.concurrency}, pool "
         f"{args.pool_size}, heartbeat {args.heartbeat:g} s, logs {args.log_level} JSON "
         "(to a file)",
         "",

@@ -283,7 +283,7 @@ def test_half_configured_or_missing_store_is_an_error() -> None:
 def test_database_url_forms() -> None:
     assert load(DATABASE_URL="postgres://u:p@h:5432/db").store_kind == "postgres"
     pooler = load(DATABASE_URL=DSN.replace(":5432/", ":6543/"))
-    assert is_transaction_pooler(pooler.database_url or "")  # PostgresStore then polls only
+    assert is_transaction_pooler(pooler.database_url or "")  # PostgresTransport then polls only
     assert not is_transaction_pooler(load().database_url or "")
     assert problems({**MINIMAL, "DATABASE_URL": "mysql://u:p@h/db"})[0].startswith(
         "DATABASE_URL: must be a postgres:// or postgresql:// URL"

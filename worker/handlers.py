@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from worker.errors import PermanentJobError
-from worker.runner import Handler, JobContext
+from worker.jobs import Handler, JobContext
 
 
 async def noop(ctx: JobContext) -> Mapping[str, Any]:

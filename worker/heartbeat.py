@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from worker.metrics import Metrics
-from worker.store.base import Store, StoreError
+from worker.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 

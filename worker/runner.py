@@ -12,36 +12,18 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from worker.errors import LeaseLost, PermanentJobError, classify, error_details
 from worker.heartbeat import Heartbeat
+from worker.jobs import Handler, JobContext
 from worker.logs import job_context
 from worker.metrics import Metrics
-from worker.store.base import ClaimedJob, Job, Store, StoreError
+from worker.store import ClaimedJob, Job, Store, StoreError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class JobContext:
-    """What a handler gets: the full job row, the store and a progress hook for /status."""
-
-    job: Job
-    worker_id: str
-    store: Store
-    metrics: Metrics
-    report: Callable[[int, str], None]
-
-    @property
-    def attempt(self) -> int:
-        return self.job.retry_count + 1
-
-
-Handler = Callable[[JobContext], Awaitable[Mapping[str, Any]]]
 
 
 @dataclass(frozen=True)

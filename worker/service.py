@@ -23,27 +23,28 @@ from worker.health import WATCHDOG_LIMIT_S, LoopMonitor, start_health_server
 from worker.logs import bind_worker
 from worker.metrics import Metrics
 from worker.runner import Runner, RunnerConfig
-from worker.store.sqlapi import SqlFunctionStore
+from worker.store import Store
 
 log = logging.getLogger("worker")
 
 
-async def open_store(settings: Settings) -> SqlFunctionStore:
-    """PostgresStore when DATABASE_URL is set, else SupabaseStore (REST, poll-only)."""
+async def open_store(settings: Settings) -> Store:
+    """Over asyncpg when DATABASE_URL is set, else over REST (poll-only)."""
     if settings.store_kind == "postgres":
-        from worker.store.postgres import PostgresStore
+        from worker.store.postgres import PostgresTransport
 
         assert settings.database_url
-        return await PostgresStore(
-            settings.database_url, pool_size=min(20, settings.worker_concurrency + 2)
-        ).open()
-    from worker.store.supabase import SupabaseStore
+        pool_size = min(20, settings.worker_concurrency + 2)
+        return await Store(PostgresTransport(settings.database_url, pool_size=pool_size)).open()
+    from worker.store.supabase import SupabaseTransport
 
     assert settings.supabase_url and settings.supabase_service_role_key
-    return await SupabaseStore(
-        settings.supabase_url,
-        settings.supabase_service_role_key,
-        concurrency=settings.worker_concurrency,
+    return await Store(
+        SupabaseTransport(
+            settings.supabase_url,
+            settings.supabase_service_role_key,
+            concurrency=settings.worker_concurrency,
+        )
     ).open()
 
 
@@ -144,7 +145,7 @@ class Worker:
         self.settings = settings
         self._model = model
         self.metrics = Metrics()
-        self.store: SqlFunctionStore | None = None
+        self.store: Store | None = None
         self.model: TextModel | None = None
         self.runner: Runner | None = None
         self.monitor = LoopMonitor()

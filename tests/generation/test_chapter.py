@@ -31,8 +31,8 @@ from tests.support.stores import open_store
 from worker.generation.chapter import ChapterHandler, GenerationConfig
 from worker.generation.gemini import GeminiModel
 from worker.handlers import build_handlers
-from worker.store.base import Store
-from worker.store.postgres import PostgresStore
+from worker.store import Store
+from worker.store.postgres import PostgresTransport
 
 MODEL = "gemini-test"
 CONFIG = GenerationConfig(
@@ -61,8 +61,8 @@ async def model(fake_gemini: FakeGemini) -> AsyncIterator[GeminiModel]:
 
 
 @pytest.fixture
-async def store(db_dsn: str) -> AsyncIterator[PostgresStore]:
-    s = await PostgresStore(db_dsn).open()
+async def store(db_dsn: str) -> AsyncIterator[Store]:
+    s = await Store(PostgresTransport(db_dsn)).open()
     yield s
     await s.close()
 
@@ -318,7 +318,7 @@ async def run_uninterrupted(pg_server: PgTestServer, model: GeminiModel) -> str:
     """The same chapter in a second database, never interrupted: the reference text."""
     dsn = await pg_server.create_database()
     conn = await asyncpg.connect(dsn)
-    store = await PostgresStore(dsn).open()
+    store = await Store(PostgresTransport(dsn)).open()
     try:
         _, chapter, job = await chapter_job(conn, options=OPTIONS)
         await generate(store, model, conn, job)

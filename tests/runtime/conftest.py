@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from worker.jobs import Handler
 from worker.metrics import Metrics
-from worker.runner import Handler, Runner, RunnerConfig
-from worker.store.base import Store
+from worker.runner import Runner, RunnerConfig
+from worker.store import Store
 
 
 @asynccontextmanager

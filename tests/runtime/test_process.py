@@ -25,7 +25,8 @@ from worker.generation.offline import OfflineModel
 from worker.handlers import build_handlers, noop
 from worker.health import LoopMonitor, start_health_server
 from worker.service import generation_config
-from worker.store.postgres import PostgresStore
+from worker.store import Store
+from worker.store.postgres import PostgresTransport
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +96,7 @@ async def reference_text(pg_server: PgTestServer, env: dict[str, str], options: 
     """The same chapter written without interruption, in-process, in another database."""
     dsn = await pg_server.create_database()
     conn = await asyncpg.connect(dsn)
-    store = await PostgresStore(dsn).open()
+    store = await Store(PostgresTransport(dsn)).open()
     try:
         _, chapter, job = await chapter_job(conn, options=options)
         settings = load_settings({**env, "DATABASE_URL": dsn}, dotenv=False)
@@ -184,7 +185,7 @@ async def test_database_outage_is_survived(pg_server: PgTestServer, db_dsn: str)
     await conn.execute("update job_queue set job_payload = '{\"sleep_s\": 0.3}'")
     await conn.close()
     port = free_port()
-    store = await PostgresStore(db_dsn, pool_size=8, command_timeout=3).open()
+    store = await Store(PostgresTransport(db_dsn, pool_size=8, command_timeout=3)).open()
     monitor = LoopMonitor()
     mon = asyncio.create_task(monitor.run())
     try:

@@ -15,7 +15,8 @@ from tests.support.seed import create_chapter, create_story, create_user, insert
 from tests.support.stores import ADAPTERS, open_store
 from worker.errors import LeaseLost, PermanentJobError, RetryableJobError
 from worker.handlers import noop
-from worker.runner import JobContext, retry_delay
+from worker.jobs import JobContext
+from worker.runner import retry_delay
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)

@@ -1,9 +1,9 @@
 """Fixtures for the Store contract: one ``store`` fixture, parametrized over both adapters.
 
-- ``store["postgres"]``: ``PostgresStore(db_dsn).open()`` (asyncpg pool + LISTEN connection).
-- ``store["supabase"]``: ``SupabaseStore`` with the real supabase-py client, talking to the
-  test PostgREST gateway (``tests/support/postgrest_gateway.py``) over the same database,
-  with a service_role JWT as its key.
+- ``store["postgres"]``: ``Store(PostgresTransport(db_dsn))`` (asyncpg pool + LISTEN).
+- ``store["supabase"]``: ``Store(SupabaseTransport(...))``, the real supabase-py client
+  talking to the test PostgREST gateway (``tests/support/postgrest_gateway.py``) over the
+  same database, with a service_role JWT as its key.
 
 Retry waits (tenacity in ``transport_retry`` and supabase-py's own GET retry) are set to zero,
 so retry tests count requests instead of sleeping.
@@ -18,9 +18,9 @@ import pytest
 import tenacity
 
 from tests.support.postgrest_gateway import Gateway, make_token, start_gateway
-from worker.store.postgres import PostgresStore
-from worker.store.sqlapi import SqlFunctionStore
-from worker.store.supabase import SupabaseStore
+from worker.store import Store
+from worker.store.postgres import PostgresTransport
+from worker.store.supabase import SupabaseTransport
 
 JWT_SECRET = "store-contract-secret-at-least-32-bytes-long"
 ADAPTERS = ("postgres", "supabase")
@@ -29,8 +29,8 @@ ADAPTERS = ("postgres", "supabase")
 @pytest.fixture(autouse=True)
 def _no_retry_waits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Keep every retry, drop every wait: tenacity's backoff and supabase-py's 1/2/4 s GET retry."""
-    for name in dir(SqlFunctionStore):
-        retrying = getattr(getattr(SqlFunctionStore, name, None), "retry", None)
+    for name in dir(Store):
+        retrying = getattr(getattr(Store, name, None), "retry", None)
         if isinstance(retrying, tenacity.BaseRetrying):
             monkeypatch.setattr(retrying, "wait", tenacity.wait_none())
     monkeypatch.setattr(postgrest_rb, "get_retry_delay", lambda _attempt: 0)
@@ -53,8 +53,8 @@ def service_key() -> str:
 
 
 @pytest.fixture
-async def postgres_store(db_dsn: str) -> AsyncIterator[PostgresStore]:
-    s = await PostgresStore(db_dsn).open()
+async def postgres_store(db_dsn: str) -> AsyncIterator[Store]:
+    s = await Store(PostgresTransport(db_dsn)).open()
     try:
         yield s
     finally:
@@ -62,8 +62,9 @@ async def postgres_store(db_dsn: str) -> AsyncIterator[PostgresStore]:
 
 
 @pytest.fixture
-async def supabase_store(gateway: Gateway, service_key: str) -> AsyncIterator[SupabaseStore]:
-    s = await SupabaseStore(gateway.url, service_key, concurrency=4, timeout_s=10.0).open()
+async def supabase_store(gateway: Gateway, service_key: str) -> AsyncIterator[Store]:
+    rest = SupabaseTransport(gateway.url, service_key, concurrency=4, timeout_s=10.0)
+    s = await Store(rest).open()
     try:
         yield s
     finally:
@@ -71,7 +72,7 @@ async def supabase_store(gateway: Gateway, service_key: str) -> AsyncIterator[Su
 
 
 @pytest.fixture(params=ADAPTERS)
-def store(request: pytest.FixtureRequest) -> PostgresStore | SupabaseStore:
+def store(request: pytest.FixtureRequest) -> Store:
     """An open store of either adapter over this test's database (``db_dsn``); closed after.
 
     A sync selector: pytest-asyncio cannot resolve an async fixture by name from inside

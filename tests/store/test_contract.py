@@ -1,7 +1,7 @@
 """The Store contract: one behavioural suite, run against both adapters.
 
 Every test takes the parametrized ``store`` fixture (tests/store/conftest.py), so each runs
-once over PostgresStore (asyncpg) and once over SupabaseStore (supabase-py → PostgREST
+once over the asyncpg transport and once over the REST one (supabase-py → PostgREST
 gateway), against the same real database and migrations. ``conn`` is a superuser
 connection on that database, used to seed and to check what really changed.
 """
@@ -26,9 +26,8 @@ from worker.store.base import (
     Job,
     NotFoundError,
     RateLimitedError,
-    Store,
 )
-from worker.store.sqlapi import SqlFunctionStore
+from worker.store.sqlapi import Store
 
 A, B = "worker-a", "worker-b"
 
@@ -60,19 +59,19 @@ def is_aware(value: Any) -> bool:
 # -- shape ----------------------------------------------------------------------------------
 
 
-async def test_satisfies_the_store_protocol(store: SqlFunctionStore) -> None:
+async def test_is_the_one_store(store: Store) -> None:
     assert isinstance(store, Store)
     assert store.name in ("postgres", "supabase")
 
 
-async def test_ping(store: SqlFunctionStore) -> None:
+async def test_ping(store: Store) -> None:
     assert await store.ping() is None
 
 
 # -- claim ----------------------------------------------------------------------------------
 
 
-async def test_claim_returns_claimed_job_then_none(store: SqlFunctionStore, conn) -> None:
+async def test_claim_returns_claimed_job_then_none(store: Store, conn) -> None:
     job = await insert_job(conn, payload={"n": 1, "nested": {"k": [1, 2]}})
     claimed = await store.claim(A, None, None)
     assert claimed == ClaimedJob(
@@ -85,11 +84,11 @@ async def test_claim_returns_claimed_job_then_none(store: SqlFunctionStore, conn
     assert r["heartbeat_at"] is not None and r["started_at"] is not None
 
 
-async def test_claim_on_empty_queue_is_none(store: SqlFunctionStore) -> None:
+async def test_claim_on_empty_queue_is_none(store: Store) -> None:
     assert await store.claim(A, ["chapter_generation"], ["default"]) is None
 
 
-async def test_claim_filters_by_type_and_lane(store: SqlFunctionStore, conn) -> None:
+async def test_claim_filters_by_type_and_lane(store: Store, conn) -> None:
     a = await insert_job(conn, job_type="a")
     b = await insert_job(conn, job_type="b")
     c = await insert_job(conn, job_type="c", lane="fast")
@@ -105,7 +104,7 @@ async def test_claim_filters_by_type_and_lane(store: SqlFunctionStore, conn) -> 
     assert got_a is not None and got_a.job_id == a
 
 
-async def test_claim_orders_by_priority(store: SqlFunctionStore, conn) -> None:
+async def test_claim_orders_by_priority(store: Store, conn) -> None:
     await insert_job(conn, priority=0)
     high = await insert_job(conn, priority=5)
     claimed = await store.claim(A, None, None)
@@ -115,7 +114,7 @@ async def test_claim_orders_by_priority(store: SqlFunctionStore, conn) -> None:
 # -- get_job --------------------------------------------------------------------------------
 
 
-async def test_get_job_returns_the_full_row(store: SqlFunctionStore, conn) -> None:
+async def test_get_job_returns_the_full_row(store: Store, conn) -> None:
     cj = await chapter_job(conn)
     await store.claim(A, ["chapter_generation"], None)
     job = await store.get_job(cj.job)
@@ -147,11 +146,11 @@ async def test_get_job_returns_the_full_row(store: SqlFunctionStore, conn) -> No
     } <= set(job.extra)
 
 
-async def test_get_job_unknown_id_is_none(store: SqlFunctionStore) -> None:
+async def test_get_job_unknown_id_is_none(store: Store) -> None:
     assert await store.get_job(new_id()) is None
 
 
-async def test_get_job_without_user(store: SqlFunctionStore, conn) -> None:
+async def test_get_job_without_user(store: Store, conn) -> None:
     jid = await insert_job(conn)
     job = await store.get_job(jid)
     assert job is not None and job.user_id is None and job.worker_id is None
@@ -160,7 +159,7 @@ async def test_get_job_without_user(store: SqlFunctionStore, conn) -> None:
 
 @pytest.mark.parametrize("key", ["heartbeat_at", "completed_at", "updated_at"])
 async def test_get_job_extra_timestamps_are_aware_datetimes(
-    store: SqlFunctionStore, conn, key: str, request: pytest.FixtureRequest
+    store: Store, conn, key: str, request: pytest.FixtureRequest
 ) -> None:
     """base.py promises "timestamps as aware datetimes, whatever the wire gave us"."""
     jid = await insert_job(conn)
@@ -174,7 +173,7 @@ async def test_get_job_extra_timestamps_are_aware_datetimes(
 # -- heartbeats -----------------------------------------------------------------------------
 
 
-async def test_heartbeat_only_for_the_holder(store: SqlFunctionStore, conn) -> None:
+async def test_heartbeat_only_for_the_holder(store: Store, conn) -> None:
     jid = await insert_job(conn)
     await store.claim(A, None, None)
     await conn.execute(
@@ -187,7 +186,7 @@ async def test_heartbeat_only_for_the_holder(store: SqlFunctionStore, conn) -> N
     assert await store.heartbeat(new_id(), A) is False
 
 
-async def test_heartbeat_many_returns_only_held_ids(store: SqlFunctionStore, conn) -> None:
+async def test_heartbeat_many_returns_only_held_ids(store: Store, conn) -> None:
     ids = [await insert_job(conn, job_type=t) for t in ("a", "a", "b")]
     await store.claim(A, ["a"], None)
     await store.claim(A, ["a"], None)
@@ -201,7 +200,7 @@ async def test_heartbeat_many_returns_only_held_ids(store: SqlFunctionStore, con
     assert await store.heartbeat_many(ids, A) == {ids[1]}
 
 
-async def test_heartbeat_stops_after_cancel(store: SqlFunctionStore, conn) -> None:
+async def test_heartbeat_stops_after_cancel(store: Store, conn) -> None:
     jid = await insert_job(conn)
     await store.claim(A, None, None)
     await conn.execute("update job_queue set status = 'cancelled' where id = $1", jid)
@@ -212,7 +211,7 @@ async def test_heartbeat_stops_after_cancel(store: SqlFunctionStore, conn) -> No
 # -- complete -------------------------------------------------------------------------------
 
 
-async def test_complete_is_fenced_and_idempotent(store: SqlFunctionStore, conn) -> None:
+async def test_complete_is_fenced_and_idempotent(store: Store, conn) -> None:
     jid = await insert_job(conn)
     await store.claim(A, None, None)
     assert await store.complete(jid, B, {"x": 1}) is False
@@ -231,7 +230,7 @@ async def test_complete_is_fenced_and_idempotent(store: SqlFunctionStore, conn) 
 # -- fail -----------------------------------------------------------------------------------
 
 
-async def test_fail_retry_path(store: SqlFunctionStore, conn) -> None:
+async def test_fail_retry_path(store: Store, conn) -> None:
     jid = await insert_job(conn)
     await store.claim(A, None, None)
     retry_at = datetime.now(UTC) + timedelta(seconds=120)
@@ -258,7 +257,7 @@ async def test_fail_retry_path(store: SqlFunctionStore, conn) -> None:
     assert await store.claim(B, None, None) is None
 
 
-async def test_fail_final_path(store: SqlFunctionStore, conn) -> None:
+async def test_fail_final_path(store: Store, conn) -> None:
     jid = await insert_job(conn)
     await store.claim(A, None, None)
     details = {"type": "invalid_request", "message": "bad prompt", "will_retry": False}
@@ -272,7 +271,7 @@ async def test_fail_final_path(store: SqlFunctionStore, conn) -> None:
     assert await store.claim(A, None, None) is None
 
 
-async def test_fail_by_non_owner_changes_nothing(store: SqlFunctionStore, conn) -> None:
+async def test_fail_by_non_owner_changes_nothing(store: Store, conn) -> None:
     jid = await insert_job(conn)
     await store.claim(A, None, None)
     before = await row(conn, jid)
@@ -284,7 +283,7 @@ async def test_fail_by_non_owner_changes_nothing(store: SqlFunctionStore, conn) 
     assert after == before
 
 
-async def test_fail_after_complete_is_false(store: SqlFunctionStore, conn) -> None:
+async def test_fail_after_complete_is_false(store: Store, conn) -> None:
     jid = await insert_job(conn)
     await store.claim(A, None, None)
     assert await store.complete(jid, A, {}) is True
@@ -295,7 +294,7 @@ async def test_fail_after_complete_is_false(store: SqlFunctionStore, conn) -> No
 # -- release --------------------------------------------------------------------------------
 
 
-async def test_release_hands_the_job_back(store: SqlFunctionStore, conn) -> None:
+async def test_release_hands_the_job_back(store: Store, conn) -> None:
     jid = await insert_job(conn)
     await store.claim(A, None, None)
     assert await store.release(jid, B) is False
@@ -312,7 +311,7 @@ async def test_release_hands_the_job_back(store: SqlFunctionStore, conn) -> None
     assert again is not None and again.job_id == jid and again.retry_count == 0
 
 
-async def test_release_worker_jobs(store: SqlFunctionStore, conn) -> None:
+async def test_release_worker_jobs(store: Store, conn) -> None:
     ids = [await insert_job(conn) for _ in range(3)]
     await store.claim(A, None, None)
     await store.claim(A, None, None)
@@ -333,7 +332,7 @@ async def test_release_worker_jobs(store: SqlFunctionStore, conn) -> None:
 # -- queue_stats ----------------------------------------------------------------------------
 
 
-async def test_queue_stats_shape(store: SqlFunctionStore, conn) -> None:
+async def test_queue_stats_shape(store: Store, conn) -> None:
     empty = await store.queue_stats()
     assert empty["by_status"] == {} and empty["by_type"] == []
     assert empty["oldest_pending_age_s"] is None
@@ -367,7 +366,7 @@ async def test_queue_stats_shape(store: SqlFunctionStore, conn) -> None:
 # -- chapter writes -------------------------------------------------------------------------
 
 
-async def test_start_chapter_returns_the_context(store: SqlFunctionStore, conn) -> None:
+async def test_start_chapter_returns_the_context(store: Store, conn) -> None:
     cj = await chapter_job(conn)
     await store.claim(A, ["chapter_generation"], None)
     ctx = await store.start_chapter(cj.job, A, 10)
@@ -386,7 +385,7 @@ async def test_start_chapter_returns_the_context(store: SqlFunctionStore, conn) 
     assert (ch["status"], ch["current_step"]) == ("generating", "starting")
 
 
-async def test_chapter_write_sequence(store: SqlFunctionStore, conn) -> None:
+async def test_chapter_write_sequence(store: Store, conn) -> None:
     cj = await chapter_job(conn)
     await store.claim(A, ["chapter_generation"], None)
     assert await store.start_chapter(cj.job, A, 100) is not None
@@ -468,7 +467,7 @@ async def test_chapter_write_sequence(store: SqlFunctionStore, conn) -> None:
     assert (await row(conn, cj.job))["progress"] == 100
 
 
-async def test_start_chapter_resumes_from_the_checkpoint(store: SqlFunctionStore, conn) -> None:
+async def test_start_chapter_resumes_from_the_checkpoint(store: Store, conn) -> None:
     cj = await chapter_job(conn)
     await store.claim(A, ["chapter_generation"], None)
     await store.start_chapter(cj.job, A, 100)
@@ -491,7 +490,7 @@ async def test_start_chapter_resumes_from_the_checkpoint(store: SqlFunctionStore
     assert (await chapter(conn, cj.chapter))["content"] == "kept. "
 
 
-async def test_finish_chapter_none_when_lease_lost(store: SqlFunctionStore, conn) -> None:
+async def test_finish_chapter_none_when_lease_lost(store: Store, conn) -> None:
     cj = await chapter_job(conn)
     await store.claim(A, ["chapter_generation"], None)
     assert await store.finish_chapter(cj.job, B) is None
@@ -499,7 +498,7 @@ async def test_finish_chapter_none_when_lease_lost(store: SqlFunctionStore, conn
     assert await store.finish_chapter(cj.job, A) == 0
 
 
-async def test_writes_by_a_rescued_worker_change_nothing(store: SqlFunctionStore, conn) -> None:
+async def test_writes_by_a_rescued_worker_change_nothing(store: Store, conn) -> None:
     cj = await chapter_job(conn, lease_timeout_s=1)
     await store.claim(A, ["chapter_generation"], None)
     await store.start_chapter(cj.job, A, 100)
@@ -561,9 +560,7 @@ async def test_writes_by_a_rescued_worker_change_nothing(store: SqlFunctionStore
 # -- errors map to the same StoreError subclasses -------------------------------------------
 
 
-async def test_start_chapter_forbidden_when_user_does_not_own_chapter(
-    store: SqlFunctionStore, conn
-) -> None:
+async def test_start_chapter_forbidden_when_user_does_not_own_chapter(store: Store, conn) -> None:
     cj = await chapter_job(conn)
     other = await insert_job(conn)  # noqa: F841 - a bystander job
     intruder = await conn.fetchval(
@@ -577,7 +574,7 @@ async def test_start_chapter_forbidden_when_user_does_not_own_chapter(
     assert (await chapter(conn, cj.chapter))["status"] == "draft"
 
 
-async def test_chapter_writes_not_found_without_chapter(store: SqlFunctionStore, conn) -> None:
+async def test_chapter_writes_not_found_without_chapter(store: Store, conn) -> None:
     cj = await chapter_job(conn, link=False)
     await store.claim(A, ["chapter_generation"], None)
     with pytest.raises(NotFoundError) as err:
@@ -587,7 +584,7 @@ async def test_chapter_writes_not_found_without_chapter(store: SqlFunctionStore,
         await store.append_chapter(cj.job, A, offset=0, text="x", progress=1, current_step="s")
 
 
-async def test_invalid_input(store: SqlFunctionStore) -> None:
+async def test_invalid_input(store: Store) -> None:
     with pytest.raises(InvalidInputError) as err:
         await store.claim("", None, None)
     assert err.value.code == "PT400"
@@ -596,7 +593,7 @@ async def test_invalid_input(store: SqlFunctionStore) -> None:
 
 
 async def test_non_json_values_fail_the_same_way(
-    store: SqlFunctionStore, conn, request: pytest.FixtureRequest
+    store: Store, conn, request: pytest.FixtureRequest
 ) -> None:
     """NaN cannot be stored in jsonb: both adapters should say InvalidInputError."""
     jid = await insert_job(conn)
@@ -607,7 +604,7 @@ async def test_non_json_values_fail_the_same_way(
 
 
 async def test_datetime_inside_json_is_stored_the_same_way(
-    store: SqlFunctionStore, conn, request: pytest.FixtureRequest
+    store: Store, conn, request: pytest.FixtureRequest
 ) -> None:
     """supabase-py encodes nested datetimes as ISO strings; asyncpg's json codec does not."""
     jid = await insert_job(conn)
@@ -620,7 +617,7 @@ async def test_datetime_inside_json_is_stored_the_same_way(
 # -- operators ------------------------------------------------------------------------------
 
 
-async def _failed_job(store: SqlFunctionStore, conn, job_type: str) -> str:
+async def _failed_job(store: Store, conn, job_type: str) -> str:
     jid = await insert_job(conn, job_type=job_type)
     claimed = await store.claim(A, [job_type], None)
     assert claimed is not None and claimed.job_id == jid
@@ -628,7 +625,7 @@ async def _failed_job(store: SqlFunctionStore, conn, job_type: str) -> str:
     return jid
 
 
-async def test_requeue_failed(store: SqlFunctionStore, conn) -> None:
+async def test_requeue_failed(store: Store, conn) -> None:
     a1 = await _failed_job(store, conn, "a")
     a2 = await _failed_job(store, conn, "a")
     b1 = await _failed_job(store, conn, "b")
@@ -651,7 +648,7 @@ async def test_requeue_failed(store: SqlFunctionStore, conn) -> None:
         )
 
 
-async def test_purge_finished(store: SqlFunctionStore, conn) -> None:
+async def test_purge_finished(store: Store, conn) -> None:
     old = await insert_job(conn)
     recent = await insert_job(conn)
     pending = await insert_job(conn)
@@ -674,13 +671,13 @@ async def test_purge_finished(store: SqlFunctionStore, conn) -> None:
     assert await store.get_job(old) is None
 
 
-async def test_ids_are_uuid_strings(store: SqlFunctionStore, conn) -> None:
+async def test_ids_are_uuid_strings(store: Store, conn) -> None:
     jid = await insert_job(conn)
     claimed = await store.claim(A, None, None)
     assert claimed is not None and str(uuid.UUID(claimed.job_id)) == claimed.job_id == jid
 
 
-async def test_enqueue_job(store: SqlFunctionStore, conn) -> None:
+async def test_enqueue_job(store: Store, conn) -> None:
     jid = await store.enqueue_job("noop", {"n": 7}, priority=3, lane="fast", max_retries=1)
     assert isinstance(jid, str) and str(uuid.UUID(jid)) == jid
     r = await row(conn, jid)
@@ -699,7 +696,7 @@ async def test_enqueue_job(store: SqlFunctionStore, conn) -> None:
     assert await store.claim(A, None, None) is None  # the delayed one is not due
 
 
-async def test_enqueue_chapter_on_behalf_of_its_owner(store: SqlFunctionStore, conn) -> None:
+async def test_enqueue_chapter_on_behalf_of_its_owner(store: Store, conn) -> None:
     cj = await chapter_job(conn, link=False)
     jid = await store.enqueue_chapter(cj.chapter, {"target_words": 900}, idempotency_key="k-1")
     assert isinstance(jid, str) and jid != cj.job
@@ -719,9 +716,7 @@ async def test_enqueue_chapter_on_behalf_of_its_owner(store: SqlFunctionStore, c
         await store.enqueue_chapter(new_id())
 
 
-async def test_story_progress(
-    store: SqlFunctionStore, conn, request: pytest.FixtureRequest
-) -> None:
+async def test_story_progress(store: Store, conn, request: pytest.FixtureRequest) -> None:
     cj = await chapter_job(conn)
     rows = await store.story_progress(cj.story)
     assert [r["number"] for r in rows] == [1, 2]
@@ -740,7 +735,7 @@ async def test_story_progress(
     ],
 )
 async def test_bad_chapter_options_are_an_invalid_input_naming_the_key(
-    store: SqlFunctionStore, conn, options, needle
+    store: Store, conn, options, needle
 ) -> None:
     cj = await chapter_job(conn, link=False)
     with pytest.raises(InvalidInputError) as err:
@@ -750,17 +745,15 @@ async def test_bad_chapter_options_are_an_invalid_input_naming_the_key(
 
 
 @pytest.mark.parametrize("payload", [["a", "list"], "hello", {"a": "x" * 70_000}])
-async def test_a_payload_that_is_not_a_small_object_is_refused(
-    store: SqlFunctionStore, conn, payload
-) -> None:
+async def test_a_payload_that_is_not_a_small_object_is_refused(store: Store, conn, payload) -> None:
     before = await conn.fetchval("select count(*) from job_queue")
     with pytest.raises(InvalidInputError) as err:
-        await store._value("enqueue_job", {"p_job_type": "noop", "p_job_payload": payload})
+        await store.transport.value("enqueue_job", {"p_job_type": "noop", "p_job_payload": payload})
     assert err.value.code == "PT400" and "job_payload" in str(err.value)
     assert await conn.fetchval("select count(*) from job_queue") == before
 
 
-async def test_the_per_user_cap_is_a_clear_rate_limit_error(store: SqlFunctionStore, conn) -> None:
+async def test_the_per_user_cap_is_a_clear_rate_limit_error(store: Store, conn) -> None:
     cj = await chapter_job(conn, link=False)
     await conn.execute("update job_lanes set max_active_per_user = 1 where lane = 'default'")
     with pytest.raises(RateLimitedError) as err:

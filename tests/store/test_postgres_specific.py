@@ -1,4 +1,5 @@
-"""PostgresStore only: LISTEN wake-ups, the transaction-pooler decision, listener recovery."""
+"""The asyncpg transport only: LISTEN wake-ups, the transaction-pooler decision, listener
+recovery."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import asyncpg
 import pytest
 
 from tests.store._helpers import insert_job
+from worker.store import Store
 from worker.store import postgres as pg_module
-from worker.store.postgres import CHANNEL, PostgresStore, is_transaction_pooler
+from worker.store.postgres import CHANNEL, PostgresTransport, is_transaction_pooler
 
 # As an operator would find it. Note that '%LISTEN%' also matches idle pool connections, whose
 # last statement is asyncpg's reset ("... UNLISTEN *; RESET ALL;"), so those die too.
@@ -28,7 +30,7 @@ LISTENERS = (
 
 
 @pytest.fixture
-def pg(postgres_store: PostgresStore) -> PostgresStore:
+def pg(postgres_store: Store) -> Store:
     """Short name for conftest's ``postgres_store``."""
     return postgres_store
 
@@ -44,9 +46,9 @@ async def until(predicate: Callable[[], bool], within: float = 3.0) -> None:
 
 
 async def test_wait_for_work_wakes_soon_after_an_insert(
-    pg: PostgresStore, conn: asyncpg.Connection
+    pg: Store, conn: asyncpg.Connection
 ) -> None:
-    assert pg.listen and pg.listening
+    assert pg.transport.listen and pg.transport.listening
 
     async def insert_later() -> None:
         await asyncio.sleep(0.2)
@@ -58,39 +60,37 @@ async def test_wait_for_work_wakes_soon_after_an_insert(
     elapsed = time.monotonic() - started
     await inserter
     assert 0.15 < elapsed < 2.0
-    assert pg.notifications >= 1
+    assert pg.transport.notifications >= 1
     assert await pg.claim("w", None, None) is not None
 
 
-async def test_wait_for_work_times_out_without_work(pg: PostgresStore) -> None:
+async def test_wait_for_work_times_out_without_work(pg: Store) -> None:
     started = time.monotonic()
     assert await pg.wait_for_work(0.3) is False
     assert time.monotonic() - started >= 0.29
 
 
 async def test_a_notification_between_waits_is_not_lost(
-    pg: PostgresStore, conn: asyncpg.Connection
+    pg: Store, conn: asyncpg.Connection
 ) -> None:
     await insert_job(conn)
-    await until(lambda: pg.notifications >= 1)
+    await until(lambda: pg.transport.notifications >= 1)
     started = time.monotonic()
     assert await pg.wait_for_work(5.0) is True  # the event was already set
     assert time.monotonic() - started < 0.5
     assert await pg.wait_for_work(0.2) is False  # and it was consumed
 
 
-async def test_other_status_changes_do_not_wake(
-    pg: PostgresStore, conn: asyncpg.Connection
-) -> None:
+async def test_other_status_changes_do_not_wake(pg: Store, conn: asyncpg.Connection) -> None:
     jid = await insert_job(conn)
-    await until(lambda: pg.notifications >= 1)
+    await until(lambda: pg.transport.notifications >= 1)
     await pg.wait_for_work(0)
     await pg.claim("w", None, None)
     assert await pg.complete(jid, "w", {}) is True
     assert await pg.wait_for_work(0.3) is False
 
 
-async def test_released_job_wakes_listeners(pg: PostgresStore, conn: asyncpg.Connection) -> None:
+async def test_released_job_wakes_listeners(pg: Store, conn: asyncpg.Connection) -> None:
     jid = await insert_job(conn)
     await pg.claim("w", None, None)
     await pg.wait_for_work(0.05)  # drain the insert's notification
@@ -99,9 +99,9 @@ async def test_released_job_wakes_listeners(pg: PostgresStore, conn: asyncpg.Con
 
 
 async def test_listen_false_is_poll_only(db_dsn: str, conn: asyncpg.Connection) -> None:
-    s = await PostgresStore(db_dsn, listen=False).open()
+    s = await Store(PostgresTransport(db_dsn, listen=False)).open()
     try:
-        assert not s.listening
+        assert not s.transport.listening
         assert await conn.fetchval(LISTENERS) == 0
         await insert_job(conn)
         assert await s.wait_for_work(0.2) is False
@@ -129,14 +129,14 @@ async def test_listen_false_is_poll_only(db_dsn: str, conn: asyncpg.Connection) 
 )
 def test_is_transaction_pooler(dsn: str, pooler: bool) -> None:
     assert is_transaction_pooler(dsn) is pooler
-    store = PostgresStore(dsn)
+    store = PostgresTransport(dsn)
     assert store.pooler is pooler
     assert store.listen is (not pooler)
 
 
 def test_explicit_listen_overrides_the_port() -> None:
-    assert PostgresStore("postgresql://u@h:6543/db", listen=True).listen is True
-    assert PostgresStore("postgresql://u@h:5432/db", listen=False).listen is False
+    assert PostgresTransport("postgresql://u@h:6543/db", listen=True).listen is True
+    assert PostgresTransport("postgresql://u@h:5432/db", listen=False).listen is False
 
 
 async def test_pooler_open_has_no_statement_cache_and_no_listener(
@@ -153,7 +153,8 @@ async def test_pooler_open_has_no_statement_cache_and_no_listener(
 
     monkeypatch.setattr(pg_module.asyncpg, "create_pool", fake_create_pool)
     monkeypatch.setattr(pg_module.asyncpg, "connect", no_connect)
-    store = await PostgresStore("postgresql://u:p@pooler.example:6543/postgres").open()
+    store = PostgresTransport("postgresql://u:p@pooler.example:6543/postgres")
+    await store.open()
     assert seen["statement_cache_size"] == 0
     assert not store.listening
     started = time.monotonic()
@@ -161,7 +162,7 @@ async def test_pooler_open_has_no_statement_cache_and_no_listener(
     assert time.monotonic() - started >= 0.04
 
     seen.clear()
-    direct = PostgresStore("postgresql://u:p@db.example:5432/postgres", listen=False)
+    direct = PostgresTransport("postgresql://u:p@db.example:5432/postgres", listen=False)
     await direct.open()
     assert seen["statement_cache_size"] == 100
 
@@ -169,14 +170,12 @@ async def test_pooler_open_has_no_statement_cache_and_no_listener(
 # -- listener recovery ------------------------------------------------------------------------
 
 
-async def test_killed_listener_is_re_established(
-    pg: PostgresStore, conn: asyncpg.Connection
-) -> None:
+async def test_killed_listener_is_re_established(pg: Store, conn: asyncpg.Connection) -> None:
     await pg.queue_stats()  # a used-and-released pool connection, for the kill to hit as well
     assert await conn.fetchval(LISTENERS) == 1
-    old = pg._listener
+    old = pg.transport._listener
     assert await conn.fetchval(KILL_LISTENER) is True
-    await until(lambda: not pg.listening)
+    await until(lambda: not pg.transport.listening)
 
     # Meanwhile the pool (and so polling) is unaffected.
     jid = await insert_job(conn)
@@ -186,7 +185,7 @@ async def test_killed_listener_is_re_established(
 
     # The next wait re-arms LISTEN on a new connection...
     assert await pg.wait_for_work(0.1) is False
-    assert pg.listening and pg._listener is not old
+    assert pg.transport.listening and pg.transport._listener is not old
     assert await conn.fetchval(LISTENERS) == 1
 
     # ...and notifications flow again.
@@ -200,10 +199,10 @@ async def test_killed_listener_is_re_established(
 
 
 async def test_listener_unavailable_falls_back_to_polling(
-    pg: PostgresStore, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+    pg: Store, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await conn.fetchval(KILL_LISTENER)
-    await until(lambda: not pg.listening)
+    await until(lambda: not pg.transport.listening)
 
     async def refused(*_a: Any, **_k: Any) -> None:
         raise ConnectionRefusedError("connection refused")
@@ -211,12 +210,12 @@ async def test_listener_unavailable_falls_back_to_polling(
     with monkeypatch.context() as m:
         m.setattr(pg_module.asyncpg, "connect", refused)
         assert await pg.wait_for_work(0.05) is False  # no exception, just a poll interval
-        assert not pg.listening
+        assert not pg.transport.listening
     assert await pg.wait_for_work(0.05) is False
-    assert pg.listening
+    assert pg.transport.listening
 
 
-async def test_notify_on_the_channel_wakes(pg: PostgresStore, conn: asyncpg.Connection) -> None:
+async def test_notify_on_the_channel_wakes(pg: Store, conn: asyncpg.Connection) -> None:
     await conn.execute(f"notify {CHANNEL}, 'anything'")
     assert await pg.wait_for_work(3.0) is True
 
@@ -224,7 +223,7 @@ async def test_notify_on_the_channel_wakes(pg: PostgresStore, conn: asyncpg.Conn
 async def test_pool_recovers_after_its_connections_are_killed(
     db_dsn: str, conn: asyncpg.Connection
 ) -> None:
-    s = await PostgresStore(db_dsn, listen=False).open()
+    s = await Store(PostgresTransport(db_dsn, listen=False)).open()
     try:
         await s.queue_stats()
         await conn.execute(
@@ -250,7 +249,7 @@ async def test_pool_recovers_after_its_connections_are_killed(
     ],
 )
 async def test_connection_errors_are_transient(
-    pg: PostgresStore, monkeypatch: pytest.MonkeyPatch, exc: Exception
+    pg: Store, monkeypatch: pytest.MonkeyPatch, exc: Exception
 ) -> None:
     calls = 0
     real = asyncpg.connection.Connection.fetchval
@@ -268,7 +267,7 @@ async def test_connection_errors_are_transient(
 
 
 async def test_connection_killed_just_before_use_is_transient(
-    pg: PostgresStore, monkeypatch: pytest.MonkeyPatch
+    pg: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What asyncpg raises when a pooled connection is terminated an instant before it is used
     (reproduced with pg_terminate_backend and no delay): it must not escape StoreError."""

@@ -1,4 +1,4 @@
-"""SupabaseStore on the wire: the exact HTTP requests it sends, and how it maps responses.
+"""The REST transport on the wire: the exact HTTP requests it sends, and how it maps responses.
 
 The real supabase-py client builds every request; respx intercepts httpx underneath it. The
 second half drives the real client against the PostgREST gateway (real database) with
@@ -19,6 +19,7 @@ import respx
 
 from tests.store._helpers import chapter_job, insert_job
 from tests.support.postgrest_gateway import Gateway
+from worker.store import Store
 from worker.store.base import (
     ClaimedJob,
     ConflictError,
@@ -29,7 +30,7 @@ from worker.store.base import (
     StoreError,
     TransientStoreError,
 )
-from worker.store.supabase import SupabaseStore, build_http_client
+from worker.store.supabase import SupabaseTransport, build_http_client
 
 URL = "https://proj.supabase.co"
 # A JWT-shaped service key; it must never show up in an error message.
@@ -46,8 +47,8 @@ async def mock() -> AsyncIterator[respx.MockRouter]:
 
 
 @pytest.fixture
-async def sb() -> AsyncIterator[SupabaseStore]:
-    s = await SupabaseStore(URL, KEY, concurrency=2).open()
+async def sb() -> AsyncIterator[Store]:
+    s = await Store(SupabaseTransport(URL, KEY, concurrency=2)).open()
     try:
         yield s
     finally:
@@ -82,7 +83,7 @@ def assert_key_hidden(exc: BaseException) -> None:
 # -- the exact requests ---------------------------------------------------------------------
 
 
-async def test_claim_request_is_pinned(mock: respx.MockRouter, sb: SupabaseStore) -> None:
+async def test_claim_request_is_pinned(mock: respx.MockRouter, sb: Store) -> None:
     route = mock.post("/rest/v1/rpc/claim_next_job_v3").respond(
         json=[
             {
@@ -111,7 +112,7 @@ async def test_claim_request_is_pinned(mock: respx.MockRouter, sb: SupabaseStore
     assert "prefer" not in h  # no count=, and RPCs need no return=
 
 
-async def test_claim_lanes_only(mock: respx.MockRouter, sb: SupabaseStore) -> None:
+async def test_claim_lanes_only(mock: respx.MockRouter, sb: Store) -> None:
     route = mock.post("/rest/v1/rpc/claim_next_job_v3").respond(json=[])
     assert await sb.claim(W, None, ["fast", "bulk"]) is None
     assert await sb.claim(W, [], []) is None
@@ -123,7 +124,7 @@ async def test_claim_lanes_only(mock: respx.MockRouter, sb: SupabaseStore) -> No
     )
 
 
-async def test_get_job_request_and_row_types(mock: respx.MockRouter, sb: SupabaseStore) -> None:
+async def test_get_job_request_and_row_types(mock: respx.MockRouter, sb: Store) -> None:
     row = {
         "id": JOB,
         "job_type": "chapter_generation",
@@ -148,7 +149,7 @@ async def test_get_job_request_and_row_types(mock: respx.MockRouter, sb: Supabas
         "progress": 0,
         "current_step": None,
     }
-    route = mock.get("/rest/v1/job_queue").mock(
+    route = mock.post("/rest/v1/rpc/get_job").mock(
         side_effect=[json_response([row]), json_response([])]
     )
     job = await sb.get_job(JOB)
@@ -161,22 +162,14 @@ async def test_get_job_request_and_row_types(mock: respx.MockRouter, sb: Supabas
     assert await sb.get_job(JOB) is None
 
     req = route.calls[0].request
-    assert req.method == "GET"
-    assert req.url.path == "/rest/v1/job_queue"
-    assert list(req.url.params.multi_items()) == [
-        ("select", "*"),
-        ("id", f"eq.{JOB}"),
-        ("limit", "1"),
-    ]
-    assert req.url.raw_path == f"/rest/v1/job_queue?select=%2A&id=eq.{JOB}&limit=1".encode()
+    assert req.method == "POST"
+    assert req.url == httpx.URL(f"{URL}/rest/v1/rpc/get_job")
+    assert req.content == f'{{"p_job_id":"{JOB}"}}'.encode()
     assert req.headers["accept-profile"] == "public"
     assert req.headers["authorization"] == f"Bearer {KEY}"
-    assert req.content == b""
 
 
-async def test_fail_retry_path_is_the_fenced_patch(
-    mock: respx.MockRouter, sb: SupabaseStore
-) -> None:
+async def test_fail_retry_path_is_the_fenced_patch(mock: respx.MockRouter, sb: Store) -> None:
     route = mock.patch("/rest/v1/job_queue").respond(json=[{"id": JOB, "status": "pending"}])
     at = datetime(2026, 11, 22, 9, 30, 15, 250000, tzinfo=UTC)
     details = {"type": "rate_limited", "will_retry": True, "attempt": 2}
@@ -198,21 +191,19 @@ async def test_fail_retry_path_is_the_fenced_patch(
     }
 
 
-async def test_fail_final_path_body(mock: respx.MockRouter, sb: SupabaseStore) -> None:
+async def test_fail_final_path_body(mock: respx.MockRouter, sb: Store) -> None:
     route = mock.patch("/rest/v1/job_queue").respond(json=[{"id": JOB, "status": "failed"}])
     assert await sb.fail(JOB, W, error_details={"type": "x"}, retry_count=4, retry_at=None)
     assert body(route) == {"status": "failed", "error_details": {"type": "x"}}
 
 
-async def test_fail_patch_matching_no_row_is_false(
-    mock: respx.MockRouter, sb: SupabaseStore
-) -> None:
+async def test_fail_patch_matching_no_row_is_false(mock: respx.MockRouter, sb: Store) -> None:
     route = mock.patch("/rest/v1/job_queue").respond(json=[])
     assert await sb.fail(JOB, W, error_details={}, retry_count=1, retry_at=None) is False
     assert route.call_count == 1  # a lost lease is an answer, not an error: no retry
 
 
-async def test_heartbeat_many_request(mock: respx.MockRouter, sb: SupabaseStore) -> None:
+async def test_heartbeat_many_request(mock: respx.MockRouter, sb: Store) -> None:
     route = mock.post("/rest/v1/rpc/heartbeat_jobs").respond(json=[JOB])
     other = "0b5e2c1d-0000-4000-8000-000000000002"
     assert await sb.heartbeat_many([JOB, other], W) == {JOB}
@@ -223,9 +214,7 @@ async def test_heartbeat_many_request(mock: respx.MockRouter, sb: SupabaseStore)
     assert route.call_count == 1  # nothing to send, no request
 
 
-async def test_append_request_carries_every_parameter(
-    mock: respx.MockRouter, sb: SupabaseStore
-) -> None:
+async def test_append_request_carries_every_parameter(mock: respx.MockRouter, sb: Store) -> None:
     route = mock.post("/rest/v1/rpc/append_chapter_content").respond(json=True)
     assert await sb.append_chapter(
         JOB,
@@ -250,9 +239,7 @@ async def test_append_request_carries_every_parameter(
 
 
 FAILED_AFTER = datetime(2026, 11, 1, tzinfo=UTC)
-RPC_CASES: list[
-    tuple[str, Callable[[SupabaseStore], Awaitable[Any]], str, dict[str, Any], Any, Any]
-] = [
+RPC_CASES: list[tuple[str, Callable[[Store], Awaitable[Any]], str, dict[str, Any], Any, Any]] = [
     (
         "heartbeat",
         lambda s: s.heartbeat(JOB, W),
@@ -412,8 +399,8 @@ RPC_CASES: list[
 )
 async def test_rpc_requests_and_results(
     mock: respx.MockRouter,
-    sb: SupabaseStore,
-    call: Callable[[SupabaseStore], Awaitable[Any]],
+    sb: Store,
+    call: Callable[[Store], Awaitable[Any]],
     fn: str,
     params: dict[str, Any],
     answer: Any,
@@ -432,12 +419,12 @@ async def test_rpc_requests_and_results(
 # -- documented responses → StoreErrors -----------------------------------------------------
 
 
-async def test_setof_empty_array_is_none(mock: respx.MockRouter, sb: SupabaseStore) -> None:
+async def test_setof_empty_array_is_none(mock: respx.MockRouter, sb: Store) -> None:
     mock.post("/rest/v1/rpc/claim_next_job_v3").respond(json=[])
     assert await sb.claim(W, None, None) is None
 
 
-async def test_pgrst202_is_not_found(mock: respx.MockRouter, sb: SupabaseStore) -> None:
+async def test_pgrst202_is_not_found(mock: respx.MockRouter, sb: Store) -> None:
     route = mock.post("/rest/v1/rpc/claim_next_job_v3").mock(
         return_value=pgrst_error(
             404,
@@ -459,7 +446,7 @@ async def test_pgrst202_is_not_found(mock: respx.MockRouter, sb: SupabaseStore) 
 
 
 async def test_pgrst202_on_an_idempotent_call_is_not_retried(
-    mock: respx.MockRouter, sb: SupabaseStore
+    mock: respx.MockRouter, sb: Store
 ) -> None:
     route = mock.post("/rest/v1/rpc/update_job_heartbeat").mock(
         return_value=pgrst_error(404, "PGRST202", "Could not find the function")
@@ -483,7 +470,7 @@ async def test_pgrst202_on_an_idempotent_call_is_not_retried(
     ],
 )
 async def test_permanent_errors_map_and_are_not_retried(
-    mock: respx.MockRouter, sb: SupabaseStore, status: int, code: str, exc_type: type
+    mock: respx.MockRouter, sb: Store, status: int, code: str, exc_type: type
 ) -> None:
     route = mock.post("/rest/v1/rpc/append_chapter_content").mock(
         return_value=pgrst_error(status, code, f"error {code}")
@@ -497,7 +484,7 @@ async def test_permanent_errors_map_and_are_not_retried(
     assert_key_hidden(err.value)
 
 
-async def test_append_offset_conflict(mock: respx.MockRouter, sb: SupabaseStore) -> None:
+async def test_append_offset_conflict(mock: respx.MockRouter, sb: Store) -> None:
     mock.post("/rest/v1/rpc/append_chapter_content").mock(
         return_value=pgrst_error(
             409,
@@ -516,7 +503,7 @@ async def test_append_offset_conflict(mock: respx.MockRouter, sb: SupabaseStore)
     [(503, "PGRST003"), (504, "PGRST003"), (503, "PGRST000"), (500, "40001"), (500, "57014")],
 )
 async def test_claim_transient_is_not_retried(
-    mock: respx.MockRouter, sb: SupabaseStore, status: int, code: str
+    mock: respx.MockRouter, sb: Store, status: int, code: str
 ) -> None:
     route = mock.post("/rest/v1/rpc/claim_next_job_v3").mock(
         return_value=pgrst_error(status, code, "Timed out acquiring connection")
@@ -528,9 +515,7 @@ async def test_claim_transient_is_not_retried(
     assert_key_hidden(err.value)
 
 
-async def test_heartbeat_503_retried_until_success(
-    mock: respx.MockRouter, sb: SupabaseStore
-) -> None:
+async def test_heartbeat_503_retried_until_success(mock: respx.MockRouter, sb: Store) -> None:
     unavailable = pgrst_error(503, "PGRST003", "Timed out acquiring connection from pool.")
     route = mock.post("/rest/v1/rpc/update_job_heartbeat").mock(
         side_effect=[unavailable, unavailable, json_response(True)]
@@ -540,7 +525,7 @@ async def test_heartbeat_503_retried_until_success(
     assert len({c.request.content for c in route.calls}) == 1  # the same request each time
 
 
-async def test_heartbeat_many_is_not_retried(mock: respx.MockRouter, sb: SupabaseStore) -> None:
+async def test_heartbeat_many_is_not_retried(mock: respx.MockRouter, sb: Store) -> None:
     route = mock.post("/rest/v1/rpc/heartbeat_jobs").mock(
         return_value=pgrst_error(503, "PGRST003", "Timed out acquiring connection from pool.")
     )
@@ -549,7 +534,7 @@ async def test_heartbeat_many_is_not_retried(mock: respx.MockRouter, sb: Supabas
     assert route.call_count == 1
 
 
-async def test_retries_stop_after_four_attempts(mock: respx.MockRouter, sb: SupabaseStore) -> None:
+async def test_retries_stop_after_four_attempts(mock: respx.MockRouter, sb: Store) -> None:
     route = mock.post("/rest/v1/rpc/complete_job").mock(
         return_value=pgrst_error(503, "PGRST003", "Timed out acquiring connection from pool.")
     )
@@ -558,7 +543,7 @@ async def test_retries_stop_after_four_attempts(mock: respx.MockRouter, sb: Supa
     assert route.call_count == 4
 
 
-async def test_html_502_is_transient(mock: respx.MockRouter, sb: SupabaseStore) -> None:
+async def test_html_502_is_transient(mock: respx.MockRouter, sb: Store) -> None:
     page = "<html><head><title>502 Bad Gateway</title></head><body>cloudflare</body></html>"
     html = httpx.Response(502, text=page, headers={"content-type": "text/html"})
     claim = mock.post("/rest/v1/rpc/claim_next_job_v3").mock(return_value=html)
@@ -585,7 +570,7 @@ async def test_html_502_is_transient(mock: respx.MockRouter, sb: SupabaseStore) 
     ],
 )
 async def test_transport_errors_are_transient(
-    mock: respx.MockRouter, sb: SupabaseStore, exc: type[Exception]
+    mock: respx.MockRouter, sb: Store, exc: type[Exception]
 ) -> None:
     claim = mock.post("/rest/v1/rpc/claim_next_job_v3").mock(side_effect=exc)
     with pytest.raises(TransientStoreError) as err:
@@ -602,7 +587,7 @@ async def test_transport_errors_are_transient(
     assert beat.call_count == 3
 
 
-async def test_fail_patch_timeout_is_retried(mock: respx.MockRouter, sb: SupabaseStore) -> None:
+async def test_fail_patch_timeout_is_retried(mock: respx.MockRouter, sb: Store) -> None:
     """Safe because the PATCH is fenced: a committed first attempt makes the retry match []."""
     route = mock.patch("/rest/v1/job_queue").mock(
         side_effect=[httpx.ReadTimeout("read timed out"), json_response([])]
@@ -611,12 +596,10 @@ async def test_fail_patch_timeout_is_retried(mock: respx.MockRouter, sb: Supabas
     assert route.call_count == 2
 
 
-async def test_get_job_503_is_retried_once_not_twice(
-    mock: respx.MockRouter, sb: SupabaseStore
-) -> None:
-    """supabase-py's own GET retry is switched off for get_job: transport_retry alone makes
-    the 4 attempts (stacked, the two layers would send 16 requests and wait ~30 s)."""
-    route = mock.get("/rest/v1/job_queue").mock(
+async def test_get_job_503_is_retried_once_not_twice(mock: respx.MockRouter, sb: Store) -> None:
+    """get_job is an RPC (POST), which supabase-py never retries itself: transport_retry alone
+    makes the 4 attempts (stacked, the two layers would send 16 requests and wait ~30 s)."""
+    route = mock.post("/rest/v1/rpc/get_job").mock(
         return_value=pgrst_error(503, "PGRST003", "Timed out acquiring connection from pool.")
     )
     with pytest.raises(TransientStoreError):
@@ -637,7 +620,7 @@ async def test_get_job_503_is_retried_once_not_twice(
     ids=["401", "403", "500-text", "connect", "timeout"],
 )
 async def test_service_key_never_in_error_text(
-    mock: respx.MockRouter, sb: SupabaseStore, answer: Any
+    mock: respx.MockRouter, sb: Store, answer: Any
 ) -> None:
     def reply(_request: httpx.Request) -> httpx.Response:
         if isinstance(answer, Exception):
@@ -653,9 +636,7 @@ async def test_service_key_never_in_error_text(
     assert_key_hidden(cause)
 
 
-async def test_html_200_is_not_a_successful_heartbeat(
-    mock: respx.MockRouter, sb: SupabaseStore
-) -> None:
+async def test_html_200_is_not_a_successful_heartbeat(mock: respx.MockRouter, sb: Store) -> None:
     """A 2xx page that is not JSON (a captive proxy, a wrong SUPABASE_URL) must not count as
     "lease held": postgrest-py hands the raw text back as ``data``, and bool(text) is True."""
     mock.post("/rest/v1/rpc/update_job_heartbeat").respond(
@@ -667,14 +648,14 @@ async def test_html_200_is_not_a_successful_heartbeat(
 
 async def test_close_closes_the_http_client() -> None:
     http = build_http_client(4)
-    s = await SupabaseStore(URL, KEY, http=http).open()
-    assert s.client is not None
+    s = await Store(SupabaseTransport(URL, KEY, http=http)).open()
+    assert s.transport.client is not None
     await s.close()
     assert http.is_closed
 
 
 async def test_not_open_is_an_error() -> None:
-    s = SupabaseStore(URL, KEY)
+    s = Store(SupabaseTransport(URL, KEY))
     with pytest.raises(RuntimeError, match="not open"):
         await s.claim(W, None, None)
     await s.close()
@@ -684,7 +665,7 @@ async def test_not_open_is_an_error() -> None:
 
 
 async def test_lost_append_response_is_retried_once_applied(
-    supabase_store: SupabaseStore, gateway: Gateway, conn: asyncpg.Connection
+    supabase_store: Store, gateway: Gateway, conn: asyncpg.Connection
 ) -> None:
     cj = await chapter_job(conn)
     await supabase_store.claim(W, ["chapter_generation"], None)
@@ -702,7 +683,7 @@ async def test_lost_append_response_is_retried_once_applied(
 
 
 async def test_lost_complete_response_is_retried_to_true(
-    supabase_store: SupabaseStore, gateway: Gateway, conn: asyncpg.Connection
+    supabase_store: Store, gateway: Gateway, conn: asyncpg.Connection
 ) -> None:
     jid = await insert_job(conn)
     await supabase_store.claim(W, None, None)
@@ -713,7 +694,7 @@ async def test_lost_complete_response_is_retried_to_true(
 
 
 async def test_lost_claim_response_is_not_retried(
-    supabase_store: SupabaseStore, gateway: Gateway, conn: asyncpg.Connection
+    supabase_store: Store, gateway: Gateway, conn: asyncpg.Connection
 ) -> None:
     """The claim committed but its answer was lost: the job stays with this worker until its
     lease expires (or release_worker_jobs at the next start); it is never claimed twice."""
@@ -728,7 +709,7 @@ async def test_lost_claim_response_is_not_retried(
 
 
 async def test_gateway_503_on_heartbeat_then_success(
-    supabase_store: SupabaseStore, gateway: Gateway, conn: asyncpg.Connection
+    supabase_store: Store, gateway: Gateway, conn: asyncpg.Connection
 ) -> None:
     jid = await insert_job(conn)
     await supabase_store.claim(W, None, None)
@@ -738,7 +719,7 @@ async def test_gateway_503_on_heartbeat_then_success(
 
 
 async def test_gateway_503_on_heartbeat_many_is_reported_at_once(
-    supabase_store: SupabaseStore, gateway: Gateway, conn: asyncpg.Connection
+    supabase_store: Store, gateway: Gateway, conn: asyncpg.Connection
 ) -> None:
     """heartbeat_many is deliberately not retried: the next tick is the retry."""
     jid = await insert_job(conn)
@@ -751,7 +732,7 @@ async def test_gateway_503_on_heartbeat_many_is_reported_at_once(
 
 
 async def test_gateway_html_502_on_fail_patch(
-    supabase_store: SupabaseStore, gateway: Gateway, conn: asyncpg.Connection
+    supabase_store: Store, gateway: Gateway, conn: asyncpg.Connection
 ) -> None:
     jid = await insert_job(conn)
     await supabase_store.claim(W, None, None)

@@ -22,7 +22,7 @@ from worker.generation.model import Outline, TextModel, Usage
 from worker.generation.payload import ChapterOptions, parse_payload
 from worker.generation.prompts import SYSTEM, outline_prompt, section_prompt
 from worker.generation.writer import ChapterWriter
-from worker.runner import JobContext
+from worker.jobs import JobContext
 
 log = logging.getLogger(__name__)
 

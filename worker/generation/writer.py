@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from worker.errors import LeaseLost
-from worker.store.base import Store
+from worker.store import Store
 
 
 class ChapterWriter:

@@ -1,5 +1,6 @@
-"""Persistence: one ``Store`` protocol, two adapters (REST via supabase-py, direct Postgres)."""
+"""Persistence: one ``Store`` over two transports (direct asyncpg, REST via supabase-py)."""
 
-from worker.store.base import ClaimedJob, Job, Store, StoreError
+from worker.store.base import ClaimedJob, Job, StoreError
+from worker.store.sqlapi import Store
 
 __all__ = ["ClaimedJob", "Job", "Store", "StoreError"]

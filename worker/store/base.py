@@ -1,18 +1,15 @@
-"""The ``Store`` port: every database operation the worker performs.
+"""What every store transport shares: the errors, the row types and the retry policy.
 
-Both adapters call the same SQL functions from ``supabase/migrations`` (plus the
-one documented, fenced failure UPDATE), so their behaviour is identical and one
-contract suite (tests/store) proves it for both. Ids travel as strings and
-timestamps as aware datetimes, whatever the wire gave us.
+Ids travel as strings and timestamps as aware datetimes, whatever the wire gave us.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
@@ -254,88 +251,6 @@ def _json_obj(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"payload must be a JSON object, not {type(value).__name__}")
     return value
-
-
-@runtime_checkable
-class Store(Protocol):
-    """Every database operation genworker performs. See README "Database"."""
-
-    name: str
-
-    # -- queue ---------------------------------------------------------------
-    async def claim(
-        self, worker_id: str, job_types: Sequence[str] | None, job_lanes: Sequence[str] | None
-    ) -> ClaimedJob | None:
-        """``claim_next_job_v3``: one job or None. Never retried (not idempotent)."""
-
-    async def get_job(self, job_id: str) -> Job | None:
-        """Step two of the claim: the full row."""
-
-    async def heartbeat(self, job_id: str, worker_id: str) -> bool:
-        """``update_job_heartbeat``: False means stop (lease lost, cancelled, paused)."""
-
-    async def heartbeat_many(self, job_ids: Sequence[str], worker_id: str) -> set[str]:
-        """One round trip for every in-flight job; returns the ids still held."""
-
-    async def complete(self, job_id: str, worker_id: str, result: Mapping[str, Any]) -> bool:
-        """``complete_job``, fenced; idempotent for the same worker."""
-
-    async def fail(
-        self,
-        job_id: str,
-        worker_id: str,
-        *,
-        error_details: Mapping[str, Any],
-        retry_count: int,
-        retry_at: datetime | None,
-    ) -> bool:
-        """The fenced failure UPDATE: back to pending at ``retry_at``, or failed when None."""
-
-    async def release(self, job_id: str, worker_id: str) -> bool:
-        """``release_job``: back to pending without using an attempt."""
-
-    async def release_worker_jobs(self, worker_id: str) -> int:
-        """Start-up recovery: release whatever is still processing under this id."""
-
-    async def queue_stats(self) -> dict[str, Any]:
-        """``queue_stats()`` for /status and ``genworker status``."""
-
-    async def ping(self) -> None:
-        """Raise if the database cannot be reached (readiness)."""
-
-    async def wait_for_work(self, seconds: float) -> bool:
-        """Sleep up to ``seconds``; return True early when a new-job notification arrives."""
-
-    # -- chapter writes (all fenced by job, worker and status processing) -----
-    async def start_chapter(
-        self, job_id: str, worker_id: str, tail_chars: int
-    ) -> dict[str, Any] | None:
-        """Cut content back to the checkpoint and return the generation context."""
-
-    async def save_outline(
-        self, job_id: str, worker_id: str, title: str, outline: Mapping[str, Any]
-    ) -> bool: ...
-
-    async def append_chapter(
-        self,
-        job_id: str,
-        worker_id: str,
-        *,
-        offset: int,
-        text: str,
-        progress: int,
-        current_step: str | None,
-        checkpoint: Mapping[str, Any] | None = None,
-    ) -> bool:
-        """Offset-idempotent append; re-sending the same append is a no-op."""
-
-    async def rewind_chapter(self, job_id: str, worker_id: str, length: int) -> bool:
-        """Cut content back to ``length`` (a section is retried from its start)."""
-
-    async def finish_chapter(self, job_id: str, worker_id: str) -> int | None:
-        """Mark the chapter completed; its word count, or None when the lease is lost."""
-
-    async def close(self) -> None: ...
 
 
 def transport_retry(fn):  # type: ignore[no-untyped-def]

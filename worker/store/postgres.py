@@ -1,4 +1,4 @@
-"""PostgresStore: a direct asyncpg pool (used when DATABASE_URL is set).
+"""PostgresTransport: a direct asyncpg pool (used when DATABASE_URL is set).
 
 Safe behind Supabase's transaction pooler (port 6543): no prepared-statement
 cache and no LISTEN there. On a direct or session-mode connection a dedicated
@@ -25,21 +25,11 @@ from worker.store.base import (
     decode_json,
     error_from_code,
 )
-from worker.store.sqlapi import SqlFunctionStore
+from worker.store.transport import FAIL_COLUMNS, FAIL_UPDATE
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "genworker_jobs"
-
-# The one statement the worker sends that is not a function call: the fenced
-# failure UPDATE, exactly as documented in README "Database" (and as the REST
-# adapter's PATCH). Column names come from a fixed set, never from input.
-_FAIL_COLUMNS = ("status", "retry_count", "scheduled_at", "error_details")
-FAIL_UPDATE = (
-    "update public.job_queue set status = $3,"
-    " retry_count = coalesce($4, retry_count), scheduled_at = coalesce($5, scheduled_at),"
-    " error_details = $6 where id = $1 and worker_id = $2 and status = 'processing'"
-)
 
 _CONNECTION_ERRORS = (
     OSError,
@@ -82,7 +72,7 @@ def _call_sql(fn: str, params: Mapping[str, Any], *, select_star: bool) -> str:
     return f"select * from public.{fn}({args})" if select_star else f"select public.{fn}({args})"
 
 
-class PostgresStore(SqlFunctionStore):
+class PostgresTransport:
     name = "postgres"
 
     def __init__(
@@ -103,7 +93,7 @@ class PostgresStore(SqlFunctionStore):
         self._wake = asyncio.Event()
         self.notifications = 0
 
-    async def open(self) -> PostgresStore:
+    async def open(self) -> None:
         self._pool = await asyncpg.create_pool(
             self.dsn,
             min_size=1,
@@ -115,7 +105,6 @@ class PostgresStore(SqlFunctionStore):
         )
         if self.listen:
             await self._start_listener()
-        return self
 
     @staticmethod
     async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -163,7 +152,7 @@ class PostgresStore(SqlFunctionStore):
     # -- transport ----------------------------------------------------------------------
     async def _run(self, method: str, sql: str, *args: Any) -> Any:
         if self._pool is None:
-            raise StoreError("PostgresStore is not open")
+            raise StoreError("PostgresTransport is not open")
         try:
             async with self._pool.acquire(timeout=self.command_timeout) as conn:
                 return await getattr(conn, method)(sql, *args)
@@ -176,21 +165,21 @@ class PostgresStore(SqlFunctionStore):
         except ValueError as exc:  # NaN/inf in JSON: never sent, as over REST
             raise InvalidInputError(str(exc)) from exc
 
-    async def _value(self, fn: str, params: Mapping[str, Any]) -> Any:
+    async def value(self, fn: str, params: Mapping[str, Any]) -> Any:
         return _plain(
             await self._run("fetchval", _call_sql(fn, params, select_star=False), *params.values())
         )
 
-    async def _rows(self, fn: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    async def rows(self, fn: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         rows = await self._run("fetch", _call_sql(fn, params, select_star=True), *params.values())
         return [{k: _plain(v) for k, v in r.items()} for r in rows]
 
-    async def _column(self, fn: str, params: Mapping[str, Any]) -> list[Any]:
+    async def column(self, fn: str, params: Mapping[str, Any]) -> list[Any]:
         rows = await self._run("fetch", _call_sql(fn, params, select_star=True), *params.values())
         return [_plain(r[0]) for r in rows]
 
-    async def _fail_update(self, job_id: str, worker_id: str, values: dict[str, Any]) -> int:
-        assert set(values) <= set(_FAIL_COLUMNS)
+    async def fail_update(self, job_id: str, worker_id: str, values: Mapping[str, Any]) -> int:
+        assert set(values) <= set(FAIL_COLUMNS)
         status = await self._run(
             "execute",
             FAIL_UPDATE,
@@ -202,10 +191,6 @@ class PostgresStore(SqlFunctionStore):
             values["error_details"],
         )
         return int(status.split()[-1])
-
-    async def _fetch_job(self, job_id: str) -> Mapping[str, Any] | None:
-        rows = await self._rows("get_job", {"p_job_id": job_id})
-        return rows[0] if rows else None
 
     async def close(self) -> None:
         if self._listener is not None:

@@ -1,50 +1,44 @@
-"""The Store operations, written once in terms of the SQL functions they call.
+"""``Store``: every database operation genworker performs, each one SQL function call.
 
-Each adapter supplies only the transport: how to call a function returning a
-value, rows or a column, plus the fenced failure UPDATE and the full-row fetch.
-The SQL function names and parameter names therefore live in this one file.
+Written once over a ``Transport`` (transport.py), so the asyncpg and the REST paths
+send the same calls and one contract suite (tests/store) proves both. The SQL
+function names and parameter names live in this one file.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from worker.store.base import ClaimedJob, Job, transport_retry
+from worker.store.transport import Transport
 
 
-class SqlFunctionStore(ABC):
-    """Implements ``Store`` over three call primitives an adapter provides."""
+class Store:
+    """The operations the runner, the handlers and the CLI use, over one transport."""
 
-    name = "abstract"
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.name = transport.name
 
-    # -- transport, per adapter ---------------------------------------------------
-    @abstractmethod
-    async def _value(self, fn: str, params: Mapping[str, Any]) -> Any:
-        """Call a function returning one value (scalar or jsonb)."""
+    async def open(self) -> Store:
+        await self.transport.open()
+        return self
 
-    @abstractmethod
-    async def _rows(self, fn: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Call a SETOF / TABLE function returning rows."""
+    async def close(self) -> None:
+        await self.transport.close()
 
-    @abstractmethod
-    async def _column(self, fn: str, params: Mapping[str, Any]) -> list[Any]:
-        """Call a SETOF <scalar> function."""
-
-    @abstractmethod
-    async def _fail_update(self, job_id: str, worker_id: str, values: dict[str, Any]) -> int:
-        """The documented fenced UPDATE of job_queue; returns the rows changed (0 or 1)."""
-
-    @abstractmethod
-    async def _fetch_job(self, job_id: str) -> Mapping[str, Any] | None: ...
+    async def wait_for_work(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True early when a new-job notification arrives."""
+        return await self.transport.wait_for_work(seconds)
 
     # -- queue --------------------------------------------------------------------
     async def claim(
         self, worker_id: str, job_types: Sequence[str] | None, job_lanes: Sequence[str] | None
     ) -> ClaimedJob | None:
-        rows = await self._rows(
+        """One job or None. Never retried: a claim is not idempotent."""
+        rows = await self.transport.rows(
             "claim_next_job_v3",
             {
                 "worker_id": worker_id,
@@ -56,13 +50,15 @@ class SqlFunctionStore(ABC):
 
     @transport_retry
     async def get_job(self, job_id: str) -> Job | None:
-        row = await self._fetch_job(job_id)
-        return Job.from_row(row) if row else None
+        """Step two of the claim: the full row."""
+        rows = await self.transport.rows("get_job", {"p_job_id": job_id})
+        return Job.from_row(rows[0]) if rows else None
 
     @transport_retry
     async def heartbeat(self, job_id: str, worker_id: str) -> bool:
+        """False means stop: the lease was lost, or the job was cancelled or paused."""
         return bool(
-            await self._value(
+            await self.transport.value(
                 "update_job_heartbeat", {"p_job_id": job_id, "p_worker_id": worker_id}
             )
         )
@@ -71,7 +67,7 @@ class SqlFunctionStore(ABC):
         """Not retried here: the next tick is the retry, and /health must see failures now."""
         if not job_ids:
             return set()
-        held = await self._column(
+        held = await self.transport.column(
             "heartbeat_jobs", {"p_worker_id": worker_id, "p_job_ids": list(job_ids)}
         )
         return {str(j) for j in held}
@@ -79,7 +75,7 @@ class SqlFunctionStore(ABC):
     @transport_retry
     async def complete(self, job_id: str, worker_id: str, result: Mapping[str, Any]) -> bool:
         return bool(
-            await self._value(
+            await self.transport.value(
                 "complete_job",
                 {"p_job_id": job_id, "p_worker_id": worker_id, "p_job_result": dict(result)},
             )
@@ -100,38 +96,35 @@ class SqlFunctionStore(ABC):
             values["status"] = "failed"
         else:
             values.update(status="pending", retry_count=retry_count, scheduled_at=retry_at)
-        return await self._fail_update(job_id, worker_id, values) == 1
+        return await self.transport.fail_update(job_id, worker_id, values) == 1
 
     @transport_retry
     async def release(self, job_id: str, worker_id: str) -> bool:
         return bool(
-            await self._value("release_job", {"p_job_id": job_id, "p_worker_id": worker_id})
+            await self.transport.value(
+                "release_job", {"p_job_id": job_id, "p_worker_id": worker_id}
+            )
         )
 
     @transport_retry
     async def release_worker_jobs(self, worker_id: str) -> int:
-        return int(await self._value("release_worker_jobs", {"p_worker_id": worker_id}) or 0)
+        return int(
+            await self.transport.value("release_worker_jobs", {"p_worker_id": worker_id}) or 0
+        )
 
     @transport_retry
     async def queue_stats(self) -> dict[str, Any]:
-        return dict(await self._value("queue_stats", {}) or {})
+        return dict(await self.transport.value("queue_stats", {}) or {})
 
     async def ping(self) -> None:
-        await self._value("queue_stats", {})
-
-    async def wait_for_work(self, seconds: float) -> bool:
-        """Poll-only by default; PostgresStore overrides it with LISTEN."""
-        import asyncio
-
-        await asyncio.sleep(seconds)
-        return False
+        await self.transport.value("queue_stats", {})
 
     # -- chapter writes -------------------------------------------------------------
     @transport_retry
     async def start_chapter(
         self, job_id: str, worker_id: str, tail_chars: int
     ) -> dict[str, Any] | None:
-        return await self._value(
+        return await self.transport.value(
             "start_chapter_generation",
             {"p_job_id": job_id, "p_worker_id": worker_id, "p_tail_chars": tail_chars},
         )
@@ -141,7 +134,7 @@ class SqlFunctionStore(ABC):
         self, job_id: str, worker_id: str, title: str, outline: Mapping[str, Any]
     ) -> bool:
         return bool(
-            await self._value(
+            await self.transport.value(
                 "save_chapter_outline",
                 {
                     "p_job_id": job_id,
@@ -165,7 +158,7 @@ class SqlFunctionStore(ABC):
         checkpoint: Mapping[str, Any] | None = None,
     ) -> bool:
         return bool(
-            await self._value(
+            await self.transport.value(
                 "append_chapter_content",
                 {
                     "p_job_id": job_id,
@@ -182,7 +175,7 @@ class SqlFunctionStore(ABC):
     @transport_retry
     async def rewind_chapter(self, job_id: str, worker_id: str, length: int) -> bool:
         return bool(
-            await self._value(
+            await self.transport.value(
                 "rewind_chapter_content",
                 {"p_job_id": job_id, "p_worker_id": worker_id, "p_length": length},
             )
@@ -191,7 +184,9 @@ class SqlFunctionStore(ABC):
     @transport_retry
     async def finish_chapter(self, job_id: str, worker_id: str) -> int | None:
         """Mark the chapter completed; its word count, or None when the lease is lost."""
-        return await self._value("finish_chapter", {"p_job_id": job_id, "p_worker_id": worker_id})
+        return await self.transport.value(
+            "finish_chapter", {"p_job_id": job_id, "p_worker_id": worker_id}
+        )
 
     # -- operators --------------------------------------------------------------------
     async def requeue_failed(
@@ -201,7 +196,7 @@ class SqlFunctionStore(ABC):
         failed_after: datetime | None = None,
         limit: int = 1000,
     ) -> list[str]:
-        ids = await self._column(
+        ids = await self.transport.column(
             "requeue_failed_jobs",
             {
                 "p_job_ids": list(job_ids) if job_ids else None,
@@ -214,7 +209,10 @@ class SqlFunctionStore(ABC):
 
     async def purge_finished(self, older_than_days: int) -> int:
         return int(
-            await self._value("purge_finished_jobs", {"p_older_than_days": older_than_days}) or 0
+            await self.transport.value(
+                "purge_finished_jobs", {"p_older_than_days": older_than_days}
+            )
+            or 0
         )
 
     async def enqueue_chapter(
@@ -225,7 +223,7 @@ class SqlFunctionStore(ABC):
     ) -> str:
         """``admin_enqueue_chapter``: an operator enqueues on behalf of the chapter's owner."""
         return str(
-            await self._value(
+            await self.transport.value(
                 "admin_enqueue_chapter",
                 {
                     "p_chapter_id": chapter_id,
@@ -246,7 +244,7 @@ class SqlFunctionStore(ABC):
         delay_s: float = 0.0,
     ) -> str:
         return str(
-            await self._value(
+            await self.transport.value(
                 "enqueue_job",
                 {
                     "p_job_type": job_type,
@@ -262,6 +260,6 @@ class SqlFunctionStore(ABC):
     async def story_progress(
         self, story_id: str, *, with_content: bool = False
     ) -> list[dict[str, Any]]:
-        return await self._rows(
+        return await self.transport.rows(
             "story_progress", {"p_story_id": story_id, "p_with_content": with_content}
         )

@@ -1,4 +1,4 @@
-"""SupabaseStore: the same SQL functions over PostgREST with the supabase-py async client.
+"""SupabaseTransport: the same SQL functions over PostgREST with the supabase-py async client.
 
 One client per process on an httpx client we build ourselves: HTTP/1.1 (HTTP/2
 connections to PostgREST have known stale-stream failures, see the reference),
@@ -9,6 +9,7 @@ body and raw httpx exceptions for transport failures; both become StoreErrors.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Mapping
@@ -25,7 +26,6 @@ from worker.store.base import (
     TransientStoreError,
     error_from_code,
 )
-from worker.store.sqlapi import SqlFunctionStore
 
 
 def build_http_client(concurrency: int, *, timeout_s: float = 15.0) -> httpx.AsyncClient:
@@ -53,7 +53,7 @@ def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in params.items()}
 
 
-class SupabaseStore(SqlFunctionStore):
+class SupabaseTransport:
     name = "supabase"
 
     def __init__(
@@ -70,16 +70,15 @@ class SupabaseStore(SqlFunctionStore):
         self._http = http or build_http_client(concurrency, timeout_s=timeout_s)
         self._client: AsyncClient | None = None
 
-    async def open(self) -> SupabaseStore:
+    async def open(self) -> None:
         self._client = await acreate_client(
             self.url, self._key, options=AsyncClientOptions(httpx_client=self._http)
         )
-        return self
 
     @property
     def client(self) -> AsyncClient:
         if self._client is None:
-            raise RuntimeError("SupabaseStore is not open")
+            raise RuntimeError("SupabaseTransport is not open")
         return self._client
 
     async def _execute(self, builder: Any) -> Any:
@@ -100,17 +99,17 @@ class SupabaseStore(SqlFunctionStore):
             raise TransientStoreError("non-JSON response from the Data API")
         return data
 
-    async def _value(self, fn: str, params: Mapping[str, Any]) -> Any:
+    async def value(self, fn: str, params: Mapping[str, Any]) -> Any:
         return await self._execute(self.client.rpc(fn, _jsonable(params)))
 
-    async def _rows(self, fn: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    async def rows(self, fn: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         return list(await self._execute(self.client.rpc(fn, _jsonable(params))) or [])
 
-    async def _column(self, fn: str, params: Mapping[str, Any]) -> list[Any]:
+    async def column(self, fn: str, params: Mapping[str, Any]) -> list[Any]:
         return list(await self._execute(self.client.rpc(fn, _jsonable(params))) or [])
 
-    async def _fail_update(self, job_id: str, worker_id: str, values: dict[str, Any]) -> int:
-        # PATCH /rest/v1/job_queue?id=eq.<job>&worker_id=eq.<worker>&status=eq.processing
+    async def fail_update(self, job_id: str, worker_id: str, values: Mapping[str, Any]) -> int:
+        """FAIL_UPDATE as a PATCH: job_queue?id=eq.<job>&worker_id=eq.<w>&status=eq.processing."""
         rows = await self._execute(
             self.client.table("job_queue")
             .update(_jsonable(values))
@@ -120,12 +119,10 @@ class SupabaseStore(SqlFunctionStore):
         )
         return len(rows or [])
 
-    async def _fetch_job(self, job_id: str) -> Mapping[str, Any] | None:
-        # supabase-py's own GET retry is off: transport_retry already retries this call.
-        rows = await self._execute(
-            self.client.table("job_queue").select("*").eq("id", job_id).limit(1).retry(False)
-        )
-        return rows[0] if rows else None
+    async def wait_for_work(self, seconds: float) -> bool:
+        """Poll only: PostgREST has no LISTEN."""
+        await asyncio.sleep(seconds)
+        return False
 
     async def close(self) -> None:
         await self._http.aclose()
