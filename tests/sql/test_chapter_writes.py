@@ -7,7 +7,7 @@ import json
 import asyncpg
 import pytest
 
-from tests.support.seed import FAIL_UPDATE, claim, create_chapter, create_story, create_user
+from tests.support.seed import claim, create_chapter, create_story, create_user, fail
 
 
 @pytest.fixture
@@ -130,10 +130,7 @@ async def test_rewind_and_finish(conn, running) -> None:
 
 async def test_failure_update_marks_chapter_failed(conn, running) -> None:
     details = {"type": "safety_block", "user_message": "Blocked by safety filters."}
-    rows = await conn.fetch(
-        FAIL_UPDATE, running["job"], "w", "failed", 0, None, json.dumps(details)
-    )
-    assert len(rows) == 1
+    assert await fail(conn, running["job"], "w", "failed", None, None, json.dumps(details)) == 1
     ch = await conn.fetchrow(
         "select status, error_message from chapters where id = $1", running["chapter"]
     )

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from pathlib import Path
 
 import asyncpg
 
 from tests.support.seed import (
-    FAIL_UPDATE,
     claim,
     create_chapter,
     create_story,
     create_user,
+    fail,
     insert_jobs,
 )
+from worker.store.transport import FAIL_UPDATE
 
 
 async def test_exactly_once_2000_jobs_16_claimers(db_dsn: str, conn: asyncpg.Connection) -> None:
@@ -87,16 +90,8 @@ async def test_retry_not_claimable_before_scheduled_at(conn: asyncpg.Connection)
     [jid] = await insert_jobs(conn, 1)
     await claim(conn, "w-1")
     details = json.dumps({"type": "transient", "retryable": True})
-    rows = await conn.fetch(
-        FAIL_UPDATE,
-        jid,
-        "w-1",
-        "pending",
-        1,
-        await conn.fetchval("select now() + interval '1 hour'"),
-        details,
-    )
-    assert len(rows) == 1
+    later = await conn.fetchval("select now() + interval '1 hour'")
+    assert await fail(conn, jid, "w-1", "pending", 1, later, details) == 1
     job = await conn.fetchrow("select * from job_queue where id = $1", jid)
     assert job["status"] == "pending" and job["retry_count"] == 1 and job["worker_id"] is None
     assert await claim(conn, "w-2") is None
@@ -139,7 +134,7 @@ async def test_rescue_counts_a_retry_and_fences_the_stale_worker(conn: asyncpg.C
     assert await conn.fetchval("select save_chapter_outline($1, 'stale', 't', '{}')", jid) is False
     assert await conn.fetchval("select finish_chapter($1, 'stale')", jid) is None
     assert await conn.fetchval("select release_job($1, 'stale')", jid) is False
-    assert await conn.fetch(FAIL_UPDATE, jid, "stale", "failed", 1, None, "{}") == []
+    assert await fail(conn, jid, "stale", "failed", 1, None, "{}") == 0
     assert await conn.fetchval("select start_chapter_generation($1, 'stale')", jid) is None
     ch = await conn.fetchrow("select content, progress from chapters where id = $1", chapter)
     assert ch["content"] == "Hello" and ch["progress"] == 20
@@ -262,3 +257,12 @@ async def test_rescue_and_ready_jobs_compete_by_priority(conn: asyncpg.Connectio
     await asyncio.sleep(1.2)
     got = [str((await claim(conn, "w"))["job_id"]) for _ in range(3)]
     assert got == [urgent, stale, normal]  # on a priority tie the rescue goes first
+
+
+def test_readme_shows_the_failure_update_the_worker_sends() -> None:
+    """The README's SQL copy of the failure UPDATE is FAIL_UPDATE, whitespace aside."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```sql\n(.*?)```", readme, flags=re.S)
+    copies = [b for b in blocks if "update public.job_queue" in b]
+    assert len(copies) == 1, "README has one SQL copy of the failure UPDATE"
+    assert " ".join(copies[0].rstrip().rstrip(";").split()) == " ".join(FAIL_UPDATE.split())

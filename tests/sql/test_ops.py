@@ -6,7 +6,7 @@ import json
 
 import asyncpg
 
-from tests.support.seed import FAIL_UPDATE, claim, insert_jobs
+from tests.support.seed import claim, fail, insert_jobs
 from worker.devdb import find_pg_bin
 
 
@@ -45,7 +45,7 @@ async def test_requeue_failed_jobs(conn: asyncpg.Connection) -> None:
     ids = await insert_jobs(conn, 2, job_type="x")
     for _ in ids:
         row = await claim(conn, "w")
-        await conn.fetch(FAIL_UPDATE, row["job_id"], "w", "failed", 3, None, '{"type": "boom"}')
+        assert await fail(conn, row["job_id"], "w", "failed", 3, None, '{"type": "boom"}') == 1
     back = await conn.fetch("select * from requeue_failed_jobs(p_job_ids => $1::uuid[])", ids[:1])
     assert [str(r[0]) for r in back] == ids[:1]
     job = await conn.fetchrow("select * from job_queue where id = $1", ids[0])

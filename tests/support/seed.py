@@ -10,6 +10,8 @@ from typing import Any
 
 import asyncpg
 
+from worker.store.transport import FAIL_UPDATE
+
 
 async def create_user(conn: asyncpg.Connection, email: str | None = None) -> str:
     uid = str(uuid.uuid4())
@@ -105,13 +107,20 @@ async def claim(
     return await conn.fetchrow("select * from claim_next_job_v3($1, $2, $3)", worker, types, lanes)
 
 
-# The exact failure UPDATE the worker sends (README "Database"), as SQL. The
-# transition trigger stamps completed_at and clears worker_id/heartbeat_at.
-FAIL_UPDATE = (
-    "update job_queue set status = $3, retry_count = $4, scheduled_at = coalesce($5, scheduled_at),"
-    " error_details = $6::jsonb"
-    " where id = $1 and worker_id = $2 and status = 'processing' returning id"
-)
+async def fail(
+    conn: asyncpg.Connection,
+    job_id: str,
+    worker: str,
+    status: str,
+    retry_count: int | None,
+    scheduled_at: Any,
+    details: str,
+) -> int:
+    """Run the very failure UPDATE the worker sends (``FAIL_UPDATE``); the rows changed."""
+    result = await conn.execute(
+        FAIL_UPDATE, job_id, worker, status, retry_count, scheduled_at, details
+    )
+    return int(result.split()[-1])
 
 
 async def chapter_job(
