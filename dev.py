@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""The two commands a newcomer needs, each doing its own setup on a machine with only Python.
+"""The commands a newcomer needs, each doing its own setup on a machine with only Python.
 
     python3 dev.py demo     # embedded Postgres + the real worker + live progress
     python3 dev.py test     # the whole test suite (and the SQL suite on PostgreSQL 15 if present)
+    python3 dev.py check    # the gates: ruff format, ruff check, mypy, import contracts
 
 Both create ./.venv on first use and install the project with the pinned versions
 of requirements.lock; later runs reuse it until pyproject.toml or the lock change.
@@ -21,6 +22,13 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 PG15 = Path("/usr/lib/postgresql/15/bin")
+# Each gate runs from .venv with the versions pinned in pyproject.toml's dev extra.
+GATES = (
+    ("ruff format", ["-m", "ruff", "format", "--check", "."]),
+    ("ruff check", ["-m", "ruff", "check", "."]),
+    ("mypy", ["-m", "mypy"]),  # files and strictness: [tool.mypy] in pyproject.toml
+    ("import contracts", ["-c", "from importlinter.cli import lint_imports_command as c; c()"]),
+)
 
 
 def ensure_env() -> Path:
@@ -42,8 +50,18 @@ def ensure_env() -> Path:
     return PYTHON
 
 
+def check(python: str) -> int:
+    failed = []
+    for name, args in GATES:
+        print(f"== {name}", flush=True)
+        if subprocess.call([python, *args]) != 0:
+            failed.append(name)
+    print(f"gates failed: {', '.join(failed)}" if failed else "all gates passed", flush=True)
+    return 1 if failed else 0
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("demo", "test"):
+    if not argv or argv[0] not in ("demo", "test", "check"):
         print(__doc__)
         return 2
     python = str(ensure_env())
@@ -51,6 +69,8 @@ def main(argv: list[str]) -> int:
     os.chdir(ROOT)
     if command == "demo":
         return subprocess.call([python, "-m", "worker", "demo", *rest])
+    if command == "check":
+        return check(python)
     code = subprocess.call([python, "-m", "pytest", *rest])
     if code == 0 and not rest and not os.environ.get("PG_BIN") and (PG15 / "postgres").exists():
         print(

@@ -25,6 +25,7 @@ KNOWN = {variable.name for variable in VARIABLES}
 SECRETS = {variable.name for variable in VARIABLES if variable.secret}
 PLATFORM_BUILD_VARS = {"PYTHON_VERSION"}  # read by the platform, not by the worker
 FALLBACK_COMMANDS = ("run", "migrate")
+GATE_TOOLS = ("ruff", "mypy", "import-linter")  # dev.py check
 
 
 def cli_commands() -> tuple[str, tuple[str, ...]]:
@@ -232,3 +233,15 @@ def test_readme_documents_every_variable() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [v.name for v in VARIABLES if f"`{v.name}`" not in readme]
     assert missing == []
+
+
+def test_gate_tools_are_pinned_exactly_and_locked() -> None:
+    """The gates (dev.py check) run the same versions everywhere: pinned with == in the dev
+    extra, and the same versions in requirements.lock, which dev.py installs with."""
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = dict(r.split("==") for r in dev["dev"] if r.split("==")[0] in GATE_TOOLS)
+    assert sorted(pins) == sorted(GATE_TOOLS)
+    lock = dict(
+        re.findall(r"^([a-z0-9-]+)==(\S+)$", (ROOT / "requirements.lock").read_text(), re.M)
+    )
+    assert {tool: lock.get(tool) for tool in GATE_TOOLS} == pins

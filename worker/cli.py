@@ -12,9 +12,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker import __version__
+
+if TYPE_CHECKING:  # imported lazily at run time: `genworker --help` stays fast
+    from worker.store import Store
 
 COMMANDS = ("run", "demo", "enqueue", "status", "migrate", "requeue")
 
@@ -68,7 +71,7 @@ def _print(obj: Any) -> None:
 def cmd_enqueue(args: argparse.Namespace) -> int:
     options = json.loads(args.options) if args.options else {}
 
-    async def go(store: Any) -> str:
+    async def go(store: Store) -> str:
         if args.chapter:
             return await store.enqueue_chapter(args.chapter, options, args.idempotency_key)
         return await store.enqueue_job(args.type, options, priority=args.priority, lane=args.lane)

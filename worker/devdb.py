@@ -42,7 +42,7 @@ def find_pg_bin() -> Path:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def _demote() -> tuple[int, int] | None:

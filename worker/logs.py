@@ -64,7 +64,7 @@ def job_context(
     job_id: object, job_type: str | None = None, attempt: int | None = None
 ) -> Iterator[None]:
     """Tag every record logged inside the block with the job being worked on."""
-    tokens = (
+    tokens: tuple[tuple[ContextVar[Any], Token[Any]], ...] = (
         (_job_id, _job_id.set(None if job_id is None else str(job_id))),
         (_job_type, _job_type.set(job_type)),
         (_attempt, _attempt.set(attempt)),
@@ -237,8 +237,10 @@ class JsonFormatter(logging.Formatter):
             payload[key if key not in payload else f"extra_{key}"] = value
         if record.exc_info:
             payload["exc_type"] = getattr(record.exc_info[0], "__name__", None)
-        if record.exc_info or record.exc_text:
-            payload["exc"] = record.exc_text or self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            payload["exc"] = record.exc_text
         if record.stack_info:
             payload["stack"] = record.stack_info
         # Scrubbed again here so the formatter is safe even without RedactingFilter.
@@ -272,7 +274,7 @@ class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self) -> None:
         super().__init__(sys.stdout)
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stdout
 

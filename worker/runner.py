@@ -57,7 +57,7 @@ def retry_delay(
     retry_count: int, base_s: float, max_s: float, server_hint_s: float | None = None
 ) -> float:
     """Exponential backoff with 'equal jitter' and a cap; a server's hint is a floor."""
-    ceiling = min(max_s, base_s * (2**retry_count))
+    ceiling = min(max_s, base_s * 2.0**retry_count)
     delay = ceiling / 2 + random.uniform(0, ceiling / 2)
     return max(delay, server_hint_s or 0.0)
 
@@ -137,13 +137,13 @@ class Runner:
                 len(tasks),
             )
             await asyncio.wait(tasks, timeout=self.config.shutdown_grace_s)
-        rest = [f for f in self.in_flight.values() if f.task and not f.task.done()]
-        for f in rest:
+        rest = [(f, f.task) for f in self.in_flight.values() if f.task and not f.task.done()]
+        for f, task in rest:
             f.stop_reason = "shutdown"
-            f.task.cancel()  # type: ignore[union-attr]
+            task.cancel()
         if rest:
             log.info("shutdown: cancelled and releasing %d job(s)", len(rest))
-            await asyncio.gather(*(f.task for f in rest), return_exceptions=True)
+            await asyncio.gather(*(task for _, task in rest), return_exceptions=True)
 
     def _store_result(self, error: BaseException | None) -> None:
         """Every store outcome the process sees feeds /health's "degraded" signal."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from types import TracebackType
 from typing import Any
 
@@ -228,7 +228,7 @@ class GeminiModel:
 
     def _config(self, system: str, **kwargs: Any) -> types.GenerateContentConfig:
         thinking = (
-            types.ThinkingConfig(thinking_level=self._thinking_level)
+            types.ThinkingConfig(thinking_level=types.ThinkingLevel(self._thinking_level))
             if self._thinking_level
             else None
         )
@@ -431,7 +431,8 @@ class GeminiSectionStream:
         if agen is None:
             return
         if not self._started:
-            await agen.aclose()  # never sent: nothing to release
+            if isinstance(agen, AsyncGenerator):
+                await agen.aclose()  # never sent: nothing to release
             return
         await _abort(agen)
 

@@ -6,10 +6,10 @@ Ids travel as strings and timestamps as aware datetimes, whatever the wire gave 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
@@ -253,7 +253,10 @@ def _json_obj(value: Any) -> dict[str, Any]:
     return value
 
 
-def transport_retry(fn):  # type: ignore[no-untyped-def]
+_Call = TypeVar("_Call", bound=Callable[..., Awaitable[Any]])
+
+
+def transport_retry(fn: _Call) -> _Call:
     """Retry an *idempotent* store call on transient errors (never the claim).
 
     Every write the worker repeats is fenced and idempotent by construction

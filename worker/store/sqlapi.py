@@ -124,10 +124,11 @@ class Store:
     async def start_chapter(
         self, job_id: str, worker_id: str, tail_chars: int
     ) -> dict[str, Any] | None:
-        return await self.transport.value(
+        context: dict[str, Any] | None = await self.transport.value(
             "start_chapter_generation",
             {"p_job_id": job_id, "p_worker_id": worker_id, "p_tail_chars": tail_chars},
         )
+        return context
 
     @transport_retry
     async def save_outline(
@@ -184,9 +185,10 @@ class Store:
     @transport_retry
     async def finish_chapter(self, job_id: str, worker_id: str) -> int | None:
         """Mark the chapter completed; its word count, or None when the lease is lost."""
-        return await self.transport.value(
+        words: int | None = await self.transport.value(
             "finish_chapter", {"p_job_id": job_id, "p_worker_id": worker_id}
         )
+        return words
 
     # -- operators --------------------------------------------------------------------
     async def requeue_failed(
