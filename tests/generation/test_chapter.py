@@ -53,8 +53,8 @@ async def model(fake_gemini: FakeGemini) -> AsyncIterator[GeminiModel]:
     m = GeminiModel(
         api_key="test-key-123",
         base_url=fake_gemini.base_url,
-        idle_timeout_s=0.5,
-        request_timeout_s=30,
+        idle_timeout_s=3.0,  # far above a loaded machine's chunk gaps; only the stall trips it
+        request_timeout_s=60,
     )
     yield m
     await m.aclose()
@@ -150,7 +150,7 @@ async def test_chapter_through_the_rest_adapter(db_dsn, conn, model, fake_gemini
     [
         http_error(503),
         disconnect_after(2),
-        stall_after(2, 2.0),
+        stall_after(2, 120.0),
         truncate_after(2),
         midstream_error(2),
     ],
@@ -304,11 +304,11 @@ async def test_cancel_stops_the_stream_and_keeps_text(conn, store, model, fake_g
         )
         async with as_role(conn, "authenticated", user):
             assert await conn.fetchval("select cancel_job($1)", job)
-        await wait_until(lambda: not runner.in_flight, timeout=1.0)
+        await wait_until(lambda: not runner.in_flight, timeout=15)
         requests_then = len(fake_gemini.requests)
         kept = (await chapter_row(conn, chapter))["content"]
         await asyncio.sleep(0.4)
-        assert await fake_gemini.wait_idle(1.0)
+        assert await fake_gemini.wait_idle()
     assert fake_gemini.open_streams == 0 and len(fake_gemini.requests) == requests_then
     row = await chapter_row(conn, chapter)
     assert row["status"] == "cancelled" and row["content"] == kept and len(kept) > 100
@@ -348,7 +348,7 @@ async def test_pause_and_resume_continue_at_the_next_section(
         )
         async with as_role(conn, "authenticated", user):
             assert await conn.fetchval("select pause_job($1)", job)
-        await wait_until(lambda: not runner.in_flight, timeout=1.0)
+        await wait_until(lambda: not runner.in_flight, timeout=15)
         paused = await chapter_row(conn, chapter)
         assert paused["status"] == "paused"
         async with as_role(conn, "authenticated", user):
@@ -385,7 +385,7 @@ async def test_kill_and_rescue_mid_section_gives_the_same_text(
         for entry in doomed.in_flight.values():
             entry.stop_reason = "killed"
             entry.task.cancel()
-        await wait_until(lambda: not doomed.in_flight, timeout=1.0)
+        await wait_until(lambda: not doomed.in_flight, timeout=15)
     assert await conn.fetchval("select status from job_queue where id = $1", job) == "processing"
     await generate(store, model, conn, job, worker_id="rescuer")
     row = await chapter_row(conn, chapter)

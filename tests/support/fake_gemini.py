@@ -318,7 +318,7 @@ class FakeGemini:
     def expected_outline(self, prompt: str) -> dict[str, Any]:
         return default_outline(prompt, self.outline_bullets)
 
-    async def wait_idle(self, within_s: float = 2.0) -> bool:
+    async def wait_idle(self, within_s: float = 15.0) -> bool:
         """Wait until no request is being served (disconnects are noticed async)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within_s):
