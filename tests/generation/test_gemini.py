@@ -29,8 +29,9 @@ from tests.support.fake_gemini import (
     truncate_after,
 )
 from worker.errors import JobError, PermanentJobError, RetryableJobError, classify
-from worker.generation.gemini import GeminiModel, GeminiSectionStream, retry_delay_s
+from worker.generation.gemini import GeminiModel, GeminiSectionStream
 from worker.generation.model import Outline, SectionStream, TextModel
+from worker.logs import MASK
 
 KEY = "AIzaFAKE-test-key-0123456789abcdef"
 MODEL = "gemini-test"
@@ -457,25 +458,11 @@ async def test_api_key_is_never_in_error_messages(
     with pytest.raises(PermanentJobError) as info:
         await collect(gemini)
     assert "400 INVALID_ARGUMENT" in info.value.message
-    assert "[redacted]" in info.value.message
+    assert MASK in info.value.message
     assert_key_hidden(info.value)
     with pytest.raises(RetryableJobError) as retry_info:
         await collect(gemini)
     assert_key_hidden(retry_info.value)
-
-
-def test_retry_delay_parsing() -> None:
-    def body(delay: str) -> dict[str, object]:
-        info = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}
-        return {"error": {"code": 429, "details": [info]}}
-
-    assert retry_delay_s(body("53s")) == 53.0
-    assert retry_delay_s(body("1.5s")) == 1.5
-    assert retry_delay_s(body("0s")) == 0.0
-    assert retry_delay_s(body("soon")) is None
-    assert retry_delay_s([body("4s")]) == 4.0  # one-element array form
-    assert retry_delay_s({"error": {"code": 429}}) is None
-    assert retry_delay_s(None) is None
 
 
 # -- closing streams: cancellation, early exits, leaks ------------------------------

@@ -9,15 +9,16 @@ again.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from worker.errors import LeaseLost, PermanentJobError, RetryableJobError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from worker.errors import JobError, LeaseLost, PermanentJobError, RetryableJobError
 from worker.generation.model import Outline, TextModel, Usage
 from worker.generation.payload import ChapterOptions, parse_payload
 from worker.generation.prompts import SYSTEM, outline_prompt, section_prompt
@@ -58,14 +59,6 @@ def _usage_of(state: Mapping[str, Any]) -> Usage:
         int(u.get("output_tokens", 0)),
         int(u.get("thoughts_tokens", 0)),
     )
-
-
-def _usage_dict(u: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "output_tokens": u.output_tokens,
-        "thoughts_tokens": u.thoughts_tokens,
-    }
 
 
 class ChapterHandler:
@@ -121,7 +114,7 @@ class ChapterHandler:
                 checkpoint = {
                     "sections_done": index + 1,
                     "content_length": writer.offset,
-                    "usage": _usage_dict(usage),
+                    "usage": asdict(usage),
                     "sections_total": total,
                 }
                 await writer.flush(
@@ -171,10 +164,11 @@ class ChapterHandler:
             return Outline(str(saved.get("title", "")), [str(b) for b in saved["bullets"]]), usage
         ctx.report(1, "outline")
         prompt = outline_prompt(start, opts, self.config.context_max_tokens)
-        outline, used = await self._with_retries(
-            lambda: self.model.outline(model=opts.model, system=SYSTEM, prompt=prompt),
-            what="outline",
-        )
+        async for attempt in self._retrying("outline"):
+            with attempt:
+                outline, used = await self.model.outline(
+                    model=opts.model, system=SYSTEM, prompt=prompt
+                )
         usage = usage + used
         bullets = [b.strip() for b in outline.bullets if b.strip()][: opts.sections]
         if len(bullets) < 2:
@@ -192,30 +186,39 @@ class ChapterHandler:
         ctx.report(OUTLINE_PROGRESS, "outline")
         return outline, usage
 
-    async def _with_retries(self, call: Any, *, what: str) -> Any:
-        """Retry one model call on retryable errors, honouring a 429's RetryInfo delay."""
-        attempt = 0
-        while True:
-            try:
-                return await call()
-            except RetryableJobError as exc:
-                attempt += 1
-                await self._pause_before_retry(exc, attempt, what)
+    def _retrying(self, what: str) -> AsyncRetrying:
+        """Retries of one model call inside the job: ``section_retries`` of them, after a
+        short jittered pause or a 429's RetryInfo delay. A wait longer than
+        ``max_rate_limit_wait_s`` is not taken here: the job-level retry waits instead of
+        holding a slot. The last error is re-raised as it is."""
 
-    async def _pause_before_retry(self, exc: RetryableJobError, attempt: int, what: str) -> None:
-        if attempt > self.config.section_retries:
-            raise exc
-        delay = (
-            exc.retry_after
-            if exc.kind == "rate_limited" and exc.retry_after
-            else self.config.retry_pause_s * attempt * random.uniform(0.5, 1.0)
+        def pause(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            if (
+                isinstance(exc, RetryableJobError)
+                and exc.kind == "rate_limited"
+                and exc.retry_after
+            ):
+                return exc.retry_after
+            return self.config.retry_pause_s * state.attempt_number * random.uniform(0.5, 1.0)
+
+        def give_up(state: RetryCallState) -> bool:
+            n, cfg = state.attempt_number, self.config
+            return n > cfg.section_retries or state.upcoming_sleep > cfg.max_rate_limit_wait_s
+
+        def announce(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            kind, message = (exc.kind, exc.message) if isinstance(exc, JobError) else ("?", "")
+            n, delay = state.attempt_number, state.upcoming_sleep
+            log.warning("%s failed (%s), retry %d in %.1fs: %s", what, kind, n, delay, message)
+
+        return AsyncRetrying(
+            retry=retry_if_exception_type(RetryableJobError),
+            wait=pause,
+            stop=give_up,
+            before_sleep=announce,
+            reraise=True,
         )
-        if delay > self.config.max_rate_limit_wait_s:
-            raise exc  # the job-level retry waits instead of holding a slot
-        log.warning(
-            "%s failed (%s), retry %d in %.1fs: %s", what, exc.kind, attempt, delay, exc.message
-        )
-        await asyncio.sleep(delay)
 
     async def _section(
         self,
@@ -243,35 +246,31 @@ class ChapterHandler:
             words,
             self.config.context_max_tokens,
         )
-        attempt = 0
-        while True:
-            written = 0
-            section_tail = tail
-            stream = self.model.stream_section(
-                model=opts.model,
-                system=SYSTEM,
-                prompt=prompt,
-                max_output_tokens=max(512, words * 3),
-            )
-            try:
-                async with stream as s:
-                    async for delta in s:
-                        if not delta:
-                            continue
-                        if written == 0 and section_start > 0:
-                            delta = "\n\n" + delta.lstrip("\n")
-                        written += len(delta)
-                        section_tail = (section_tail + delta)[-self.config.tail_chars :]
-                        await writer.add(
-                            delta, section_progress(index, total, written / expected_chars), step
-                        )
-                        ctx.report(writer.progress, step)
-                    usage = usage + s.usage
-                if s.finish_reason == "MAX_TOKENS":
-                    log.info("section %d hit MAX_TOKENS; closing it and going on", index + 1)
-                return section_tail, usage
-            except RetryableJobError as exc:
-                usage = usage + stream.usage  # a broken stream may still have been billed
-                attempt += 1
-                await self._pause_before_retry(exc, attempt, f"section {index + 1}")
-                await writer.rewind(section_start)
+        async for attempt in self._retrying(f"section {index + 1}"):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    await writer.rewind(section_start)  # a retry starts the section afresh
+                written, section_tail = 0, tail
+                stream = self.model.stream_section(
+                    model=opts.model,
+                    system=SYSTEM,
+                    prompt=prompt,
+                    max_output_tokens=max(512, words * 3),
+                )
+                try:
+                    async with stream as s:
+                        async for delta in s:
+                            if not delta:
+                                continue
+                            if written == 0 and section_start > 0:
+                                delta = "\n\n" + delta.lstrip("\n")
+                            written += len(delta)
+                            section_tail = (section_tail + delta)[-self.config.tail_chars :]
+                            progress = section_progress(index, total, written / expected_chars)
+                            await writer.add(delta, progress, step)
+                            ctx.report(writer.progress, step)
+                finally:
+                    usage = usage + stream.usage  # a broken stream may still have been billed
+        if stream.finish_reason == "MAX_TOKENS":
+            log.info("section %d hit MAX_TOKENS; closing it and going on", index + 1)
+        return section_tail, usage

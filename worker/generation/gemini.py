@@ -16,15 +16,13 @@ Design decisions (see /work/shared/reference/google-genai.md for the evidence):
 * **No SDK retries.** The job queue retries with backoff and honours
   ``retry_after``; SDK retries would ignore ``RetryInfo`` and multiply attempts.
   ``HttpRetryOptions(attempts=1)`` also disables aiohttp's hidden 1-10 s retry.
-* **Every ending is classified here** into ``worker.errors`` exceptions, so the
-  pipeline never sees SDK enums, ``APIError`` or transport exceptions.
+* **Every ending is classified** (gemini_errors.py) into ``worker.errors`` exceptions,
+  so the pipeline never sees SDK enums, ``APIError`` or transport exceptions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -32,54 +30,46 @@ from typing import Any
 import aiohttp
 from aiolimiter import AsyncLimiter
 from google import genai
-from google.genai import errors as genai_errors
 from google.genai import types
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError, field_validator
 
-from worker.errors import JobError, PermanentJobError, RetryableJobError
-from worker.generation.model import Outline, Usage
-
-try:  # Not our transport, but an injected or future client may raise them.
-    import httpx
-    import httpx2
-
-    _HTTPX_TRANSPORT: tuple[type[BaseException], ...] = (
-        httpx.TransportError,
-        httpx2.TransportError,
-    )
-    _HTTPX_CONNECT: tuple[type[BaseException], ...] = (httpx.ConnectError, httpx2.ConnectError)
-except ImportError:  # pragma: no cover - both ship with google-genai 3.x
-    _HTTPX_TRANSPORT = ()
-    _HTTPX_CONNECT = ()
-
-DEFAULT_RETRY_AFTER_S = 30.0
-DAILY_QUOTA_RETRY_AFTER_S = 3600.0
-
-# Endings that mean "the model will not write this"; retrying the same prompt cannot help.
-_BLOCKING_FINISH = frozenset(
-    {
-        "SAFETY",
-        "PROHIBITED_CONTENT",
-        "BLOCKLIST",
-        "SPII",
-        "OTHER",
-        "LANGUAGE",
-        "IMAGE_SAFETY",
-        "MODEL_ARMOR",
-        "JAILBREAK",
-        "RECITATION",
-    }
+from worker.errors import JobError
+from worker.generation.gemini_errors import (
+    invalid_output,
+    outline_finish,
+    section_finish,
+    stalled,
+    translate,
+    truncated,
 )
-_NORMAL_FINISH = frozenset({"STOP", "MAX_TOKENS"})
-_RETRYABLE_STATUS = frozenset({408, 429, 499})
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)s\s*$")
+from worker.generation.model import Outline, Usage
+from worker.logs import register_secret
 
 
 class _OutlineSchema(BaseModel):
-    """The ``responseSchema`` sent for the outline call."""
+    """The ``responseSchema`` sent for the outline call, and the check of the answer
+    (``response.parsed`` would hide a bad answer as ``None``)."""
 
     title: str
     bullets: list[str]
+
+    @field_validator("bullets")
+    @classmethod
+    def _some_bullets(cls, bullets: list[str]) -> list[str]:
+        clean = [bullet.strip() for bullet in bullets if bullet.strip()]
+        if not clean:
+            raise ValueError("no non-blank bullets")
+        return clean
+
+
+def _parse_outline(text: str | None) -> Outline:
+    try:
+        parsed = _OutlineSchema.model_validate_json(text or "")
+    except ValidationError as exc:
+        first = exc.errors()[0]  # location and reason only: never the model's text
+        where = ".".join(str(part) for part in first["loc"]) or "the document"
+        raise invalid_output(f"outline JSON invalid at {where}: {first['msg']}") from None
+    return Outline(title=parsed.title.strip(), bullets=parsed.bullets)
 
 
 class _ConnectTimeoutConnector(aiohttp.TCPConnector):
@@ -166,6 +156,7 @@ class GeminiModel:
     ) -> None:
         if not api_key:
             raise ValueError("api_key is required")
+        register_secret(api_key)  # masked in every error message and log line
         self._api_key = api_key
         self._base_url = base_url
         self._api_version = api_version
@@ -266,11 +257,7 @@ class GeminiModel:
             self._limiter.release()
 
         usage = _usage(response.usage_metadata) or Usage()
-        _raise_if_blocked(response)
-        candidate = response.candidates[0] if response.candidates else None
-        finish = _enum_value(candidate.finish_reason) if candidate else None
-        if finish is not None and finish != "STOP":
-            raise _invalid_output(f"outline ended with finishReason {finish}")
+        outline_finish(response)
         return _parse_outline(response.text), usage
 
     def stream_section(
@@ -279,41 +266,10 @@ class GeminiModel:
         config = self._config(system, max_output_tokens=max_output_tokens)
         return GeminiSectionStream(self, model=model, prompt=prompt, config=config)
 
-    # -- classification -----------------------------------------------------------
-
     def _translate(self, exc: BaseException, *, received_chunks: int) -> JobError | None:
-        """Map an SDK or transport exception to a ``JobError``; ``None`` if unknown."""
-        if isinstance(exc, genai_errors.APIError):
-            return classify_api_error(exc, api_key=self._api_key, mid_stream=received_chunks > 0)
-        if isinstance(
-            exc, (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError, *_HTTPX_CONNECT)
-        ):
-            return RetryableJobError(
-                _redact(f"cannot connect to Gemini: {type(exc).__name__}: {exc}", self._api_key),
-                kind="model_unavailable",
-                user_message="Gemini could not be reached; the chapter will be retried.",
-            )
-        if isinstance(exc, (aiohttp.ClientError, ConnectionError, *_HTTPX_TRANSPORT)):
-            return RetryableJobError(
-                _redact(f"Gemini stream interrupted: {type(exc).__name__}: {exc}", self._api_key),
-                kind="stream_interrupted",
-                user_message="The connection to Gemini dropped while writing; "
-                "the chapter will be retried.",
-                detail={"chunks_received": received_chunks},
-            )
-        if isinstance(exc, TimeoutError):  # aiohttp's total cap = request_timeout_s
-            return RetryableJobError(
-                f"Gemini request exceeded {self.request_timeout_s:g}s",
-                kind="stream_timeout",
-                user_message="Writing this section took too long; the chapter will be retried.",
-            )
-        if isinstance(exc, genai_errors.UnknownApiResponseError):
-            return RetryableJobError(
-                _redact(f"unreadable Gemini stream: {exc}", self._api_key),
-                kind="stream_interrupted",
-                user_message="Gemini sent a garbled response; the chapter will be retried.",
-            )
-        return None
+        return translate(
+            exc, received_chunks=received_chunks, request_timeout_s=self.request_timeout_s
+        )
 
 
 class GeminiSectionStream:
@@ -378,12 +334,7 @@ class GeminiSectionStream:
             except StopAsyncIteration:
                 self._done = True
                 if self.finish_reason is None:
-                    raise RetryableJobError(
-                        f"Gemini stream ended without a finish reason after {self._chunks} chunks",
-                        kind="stream_truncated",
-                        user_message="Gemini's response ended early; the chapter will be retried.",
-                        detail={"chunks_received": self._chunks},
-                    ) from None
+                    raise truncated(self._chunks) from None
                 raise
             except asyncio.CancelledError:
                 self._done = True  # __aexit__ still aborts, in case a chunk had arrived
@@ -391,13 +342,7 @@ class GeminiSectionStream:
             except Exception as exc:
                 self._done = True  # an exception out of the generator finished it
                 if isinstance(exc, TimeoutError) and idle.expired():
-                    raise RetryableJobError(
-                        f"no Gemini chunk for {self._owner.idle_timeout_s:g}s "
-                        f"after {self._chunks} chunks",
-                        kind="stream_stalled",
-                        user_message="Gemini stopped sending text; the chapter will be retried.",
-                        detail={"chunks_received": self._chunks},
-                    ) from exc
+                    raise stalled(self._owner.idle_timeout_s, self._chunks) from exc
                 if (error := self._owner._translate(exc, received_chunks=self._chunks)) is None:
                     raise
                 raise error from exc
@@ -417,12 +362,8 @@ class GeminiSectionStream:
         usage = _usage(chunk.usage_metadata)
         if usage is not None:
             self.usage = usage  # a running total: keep the last, never sum
-        _raise_if_blocked(chunk)
-        candidate = chunk.candidates[0] if chunk.candidates else None
-        finish = _enum_value(candidate.finish_reason) if candidate else None
+        finish = section_finish(chunk)
         if finish is not None:
-            if finish not in _NORMAL_FINISH:
-                raise _invalid_output(f"section ended with finishReason {finish}")
             self.finish_reason = finish
         return chunk.text or ""
 
@@ -467,107 +408,6 @@ async def _abort(agen: AsyncIterator[Any]) -> None:
             return
 
 
-# -- helpers ----------------------------------------------------------------------
-
-
-def classify_api_error(
-    exc: genai_errors.APIError, *, api_key: str = "", mid_stream: bool = False
-) -> JobError:
-    """Classify an ``APIError`` (HTTP status or in-stream ``{"error": ...}``)."""
-    code = int(exc.code or 0)
-    status = str(exc.status or "")
-    label = f"{code} {status}".strip()
-    message = _redact(f"Gemini error {label}: {exc.message or ''}".rstrip(": "), api_key)
-    detail: dict[str, Any] = {"status_code": code, "status": status}
-    if code == 429:
-        retry_after = retry_delay_s(exc.details)
-        quota_ids = quota_ids_of(exc.details)
-        detail["quota_ids"] = quota_ids
-        if is_quota_daily(quota_ids):
-            return RetryableJobError(
-                message,
-                kind="rate_limited",
-                retry_after=max(retry_after or 0.0, DAILY_QUOTA_RETRY_AFTER_S),
-                user_message="The daily Gemini quota is used up; "
-                "the chapter will be retried later.",
-                detail=detail,
-            )
-        wait = retry_after if retry_after is not None else DEFAULT_RETRY_AFTER_S
-        return RetryableJobError(
-            message,
-            kind="rate_limited",
-            retry_after=wait,
-            detail=detail,
-            user_message=f"Gemini is busy (rate limit); the chapter will be retried "
-            f"in about {wait:.0f} seconds.",
-        )
-    if code >= 500 or code in _RETRYABLE_STATUS:
-        if mid_stream:
-            return RetryableJobError(
-                message,
-                kind="stream_interrupted",
-                detail=detail,
-                user_message="Gemini failed while writing; the chapter will be retried.",
-            )
-        return RetryableJobError(
-            message,
-            kind="model_unavailable",
-            detail=detail,
-            user_message=f"Gemini is temporarily unavailable ({label}); "
-            "the chapter will be retried.",
-        )
-    return PermanentJobError(
-        message,
-        kind="model_request_rejected",
-        detail=detail,
-        user_message=f"Gemini rejected the request ({label}). An operator needs to check "
-        "the API key, model name or billing.",
-    )
-
-
-def retry_delay_s(details: Any) -> float | None:
-    """Seconds from a ``google.rpc.RetryInfo`` ``retryDelay`` such as ``"53s"`` or ``"1.5s"``."""
-    for item in _error_details(details):
-        if str(item.get("@type", "")).endswith("google.rpc.RetryInfo"):
-            match = _DURATION.match(str(item.get("retryDelay", "")))
-            if match:
-                return float(match.group(1))
-    return None
-
-
-def quota_ids_of(details: Any) -> list[str]:
-    """The ``quotaId`` of every ``google.rpc.QuotaFailure`` violation."""
-    ids: list[str] = []
-    for item in _error_details(details):
-        for violation in item.get("violations") or []:
-            if isinstance(violation, dict) and violation.get("quotaId"):
-                ids.append(str(violation["quotaId"]))
-    return ids
-
-
-def is_quota_daily(quota_ids: list[str]) -> bool:
-    """A per-day quota resets at midnight Pacific: retrying within minutes is pointless."""
-    return any("PerDay" in quota_id for quota_id in quota_ids)
-
-
-def _error_details(body: Any) -> list[dict[str, Any]]:
-    """``error.details`` of a parsed error body (an object or a one-element array)."""
-    if isinstance(body, list) and body:
-        body = body[0]
-    if not isinstance(body, dict):
-        return []
-    error = body.get("error", body)
-    items = error.get("details") if isinstance(error, dict) else None
-    return [item for item in items or [] if isinstance(item, dict)]
-
-
-def _enum_value(value: Any) -> str | None:
-    """SDK enums may be pseudo-members for unknown strings; compare ``.value``."""
-    if value is None:
-        return None
-    return str(getattr(value, "value", value))
-
-
 def _usage(meta: types.GenerateContentResponseUsageMetadata | None) -> Usage | None:
     if meta is None:
         return None
@@ -576,66 +416,3 @@ def _usage(meta: types.GenerateContentResponseUsageMetadata | None) -> Usage | N
         output_tokens=meta.candidates_token_count or 0,
         thoughts_tokens=meta.thoughts_token_count or 0,
     )
-
-
-def _raise_if_blocked(response: types.GenerateContentResponse) -> None:
-    """Raise ``PermanentJobError`` for a blocked prompt or a safety-type finish reason."""
-    feedback = response.prompt_feedback
-    block = _enum_value(feedback.block_reason) if feedback else None
-    if block:
-        raise PermanentJobError(
-            f"Gemini blocked the prompt (blockReason {block})",
-            kind="safety_block",
-            user_message="The model declined to write this section because the request was "
-            f"flagged by Gemini's safety filters ({block}). "
-            "Try changing the premise or instructions.",
-            detail={"block_reason": block},
-        )
-    candidate = response.candidates[0] if response.candidates else None
-    finish = _enum_value(candidate.finish_reason) if candidate else None
-    if finish == "RECITATION":
-        raise PermanentJobError(
-            "Gemini stopped: finishReason RECITATION",
-            kind="recitation",
-            user_message="The model stopped because the text too closely repeated existing "
-            "published material (RECITATION). Try changing the premise or instructions.",
-            detail={"finish_reason": finish},
-        )
-    if finish in _BLOCKING_FINISH:
-        raise PermanentJobError(
-            f"Gemini stopped: finishReason {finish}",
-            kind="safety_block",
-            user_message="The model declined to write this section because it was flagged by "
-            f"Gemini's safety filters ({finish}). Try changing the premise or instructions.",
-            detail={"finish_reason": finish},
-        )
-
-
-def _invalid_output(message: str) -> RetryableJobError:
-    return RetryableJobError(
-        message,
-        kind="model_output_invalid",
-        user_message="Gemini returned an unusable response; the chapter will be retried.",
-    )
-
-
-def _parse_outline(text: str | None) -> Outline:
-    """Validate the outline JSON ourselves: ``response.parsed`` hides errors as ``None``."""
-    try:
-        data = json.loads(text or "")
-    except ValueError:
-        raise _invalid_output(f"outline is not valid JSON: {(text or '')[:200]!r}") from None
-    if not isinstance(data, dict):
-        raise _invalid_output("outline JSON is not an object")
-    title = data.get("title")
-    bullets = data.get("bullets")
-    if not isinstance(bullets, list):
-        raise _invalid_output("outline JSON has no bullets list")
-    clean = [b.strip() for b in bullets if isinstance(b, str) and b.strip()]
-    if not clean:
-        raise _invalid_output("outline has no bullets")
-    return Outline(title=title.strip() if isinstance(title, str) else "", bullets=clean)
-
-
-def _redact(text: str, api_key: str) -> str:
-    return text.replace(api_key, "[redacted]") if api_key else text
