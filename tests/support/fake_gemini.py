@@ -1,6 +1,6 @@
 """A local fake of the Gemini API that speaks the real wire format.
 
-It serves the same bytes the real service does (reference §5), so tests run the
+It serves the same bytes the real service does (docs/gemini-wire.md §1-4), so tests run the
 unmodified google-genai SDK over the transport we ship:
 
 * ``POST /{version}/models/{model}:streamGenerateContent?alt=sse`` answers with

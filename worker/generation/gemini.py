@@ -1,13 +1,13 @@
 """``TextModel`` on Gemini through the official google-genai async client.
 
-Design decisions (see /work/shared/reference/google-genai.md for the evidence):
+Design decisions (the wire and SDK facts behind them: docs/gemini-wire.md):
 
 * **Transport: aiohttp, injected explicitly.** The SDK silently picks aiohttp
   whenever it is importable (we install it for the health endpoint), so we make
   that choice visible and own the session: a ``TCPConnector`` bounded to the
   stream limit (the SDK's own is unlimited) with a socket-connect timeout. aiohttp
   is also the transport that releases pooled connections on early exit and
-  mid-stream errors; httpx/httpx2 leak them until cyclic GC runs (reference §8).
+  mid-stream errors; httpx/httpx2 leak them until cyclic GC runs (docs/gemini-wire.md §6).
   Its per-request ``ClientTimeout(total=...)`` is a cap on the *whole* request,
   which is exactly what ``request_timeout_s`` means here.
 * **Idle timeout in the app**, with ``asyncio.timeout`` around each ``__anext__``:
@@ -384,7 +384,7 @@ class GeminiSectionStream:
 
 
 async def _abort(agen: AsyncIterator[Any]) -> None:
-    """Close a started SDK stream by cancelling inside ``__anext__`` (reference §8).
+    """Close a started SDK stream by cancelling inside ``__anext__`` (docs/gemini-wire.md §6).
 
     ``break`` or ``aclose()`` leave the generator that owns the HTTP response
     suspended; a cancellation delivered inside ``__anext__`` unwinds all of them.

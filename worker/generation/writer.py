@@ -3,8 +3,8 @@
 Tokens are buffered and appended at most every ``flush_interval_s`` or
 ``flush_chars``, and at each section end — never one write per token. Every write
 carries text and progress together (an UPDATE that leaves a large ``content``
-untouched reaches Realtime subscribers without it). The offset sent with each
-append makes a retried write harmless.
+untouched reaches Realtime subscribers without it: docs/supabase-platform.md §4).
+The offset sent with each append makes a retried write harmless.
 """
 
 from __future__ import annotations

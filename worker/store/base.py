@@ -62,7 +62,7 @@ class RateLimitedError(StoreError):
     kind = "rate_limited"
 
 
-# SQLSTATEs and PostgREST codes, mapped once for both adapters.
+# SQLSTATEs and PostgREST codes (docs/supabase-platform.md §2), mapped once for both transports.
 _TRANSIENT = {
     "PGRST000",
     "PGRST001",

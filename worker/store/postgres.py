@@ -3,7 +3,7 @@
 Safe behind Supabase's transaction pooler (port 6543): no prepared-statement
 cache and no LISTEN there. On a direct or session-mode connection a dedicated
 connection LISTENs for new-job notifications so idle workers claim at once; the
-poll stays as the fallback because a NOTIFY is only a hint.
+poll stays as the fallback because a NOTIFY is only a hint (docs/supabase-platform.md §1).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """SupabaseTransport: the same SQL functions over PostgREST with the supabase-py async client.
 
 One client per process on an httpx client we build ourselves: HTTP/1.1 (HTTP/2
-connections to PostgREST have known stale-stream failures, see the reference),
+connections to PostgREST have known stale-stream failures, docs/supabase-platform.md §3),
 a pool sized to the concurrency and explicit timeouts. Poll-only: PostgREST
 offers no LISTEN. supabase-py raises ``postgrest.APIError`` for any non-2xx
 body and raw httpx exceptions for transport failures; both become StoreErrors.
