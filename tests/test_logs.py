@@ -188,3 +188,103 @@ def test_bad_level_or_format() -> None:
         setup_logging("verbose")
     with pytest.raises(ValueError, match="log format"):
         setup_logging("INFO", "xml")
+
+
+# -- bounded lines (issue 8: a 1 MB user value once made a 1,048,931-character line) ---------
+
+BIG = "u" * 1_048_576  # what a user can put in one option value
+LINE_LIMIT = 20_000  # the fixed ceiling the runtime tests hold every worker line to
+
+
+def assert_clipped(value: str, original: int, limit: int) -> None:
+    """Within ``limit``, ending in '... [N more characters]' where N is what was cut."""
+    kept, sep, tail = value.rpartition("... [")
+    assert sep and tail.endswith(" more characters]"), value[-80:]
+    assert len(value) <= limit
+    assert len(kept) + int(tail.removesuffix(" more characters]")) == original
+
+
+def test_a_megabyte_in_the_message_is_clipped(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("INFO", "json")
+    log.info("bad target_words %s", BIG)
+    out = capsys.readouterr().out
+    (line,) = out.splitlines()
+    assert len(line) <= LINE_LIMIT
+    msg = json.loads(line)["msg"]
+    assert msg.startswith("bad target_words uuu")
+    assert_clipped(msg, len("bad target_words ") + len(BIG), logs.MAX_MESSAGE_CHARS)
+
+
+def test_a_megabyte_in_extra_fields_is_clipped(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("INFO", "json")
+    log.info(
+        "payload",
+        extra={
+            "target_words": BIG,
+            "payload": {"options": {"genre": BIG, "tags": [BIG] * 3}},
+            "many": list(range(100_000)),
+        },
+    )
+    (line,) = capsys.readouterr().out.splitlines()
+    assert len(line) <= LINE_LIMIT
+    rec = json.loads(line)
+    assert_clipped(rec["target_words"], len(BIG), logs.MAX_FIELD_CHARS)
+    options = rec["payload"]["options"]
+    assert options["genre"].startswith("uuu")
+    for value in (options["genre"], *options["tags"]):
+        assert_clipped(value, len(BIG), logs.MAX_FIELD_CHARS)
+    assert rec["many"] == list(range(logs.MAX_FIELD_ITEMS))
+
+
+def test_a_megabyte_in_an_exception_is_clipped(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("INFO", "json")
+    try:
+        raise ValueError(f"options.genre must be short, got {BIG}")
+    except ValueError:
+        log.exception("job failed")
+    (line,) = capsys.readouterr().out.splitlines()
+    assert len(line) <= LINE_LIMIT
+    rec = json.loads(line)
+    assert rec["exc_type"] == "ValueError" and rec["exc"].startswith("Traceback")
+    assert "ValueError: options.genre" in rec["exc"]
+    _, _, tail = rec["exc"].rpartition("... [")
+    assert len(rec["exc"]) <= logs.MAX_TRACEBACK_CHARS
+    assert int(tail.removesuffix(" more characters]")) > len(BIG) - logs.MAX_TRACEBACK_CHARS
+
+
+def test_text_lines_are_bounded_too(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("INFO", "text")
+    try:
+        raise ValueError(BIG)
+    except ValueError:
+        log.exception("value %s", BIG, extra={"genre": BIG})
+    out = capsys.readouterr().out
+    assert len(out) <= LINE_LIMIT
+    assert out.count(" more characters]") == 3
+
+
+def test_secrets_are_masked_where_a_line_is_clipped(capsys: pytest.CaptureFixture[str]) -> None:
+    """Masking runs before clipping: a secret that straddles the cut leaves no prefix."""
+    register_secret(SECRET)
+    setup_logging("INFO", "json")
+    # Each secret starts before the cut (limit minus the marker) and ends after it.
+    straddle = "a" * (logs.MAX_MESSAGE_CHARS - 40) + SECRET + BIG
+    field_straddle = "b" * (logs.MAX_FIELD_CHARS - 60) + " " + JWT + " " + BIG
+    try:
+        raise RuntimeError(f"{SECRET} {JWT} " + BIG)
+    except RuntimeError:
+        log.exception(
+            "%s",
+            straddle,
+            extra={"note": field_straddle, "nested": {"deep": [field_straddle]}, "token": BIG},
+        )
+    (line,) = capsys.readouterr().out.splitlines()
+    assert len(line) <= LINE_LIMIT
+    rec = json.loads(line)
+    for leaked in (SECRET[:10], JWT[:10]):
+        assert leaked not in line, leaked
+    assert rec["msg"].startswith("a" * 100) and "***" in rec["msg"]
+    assert rec["note"].startswith("b" * 100) and "***" in rec["note"]
+    assert "***" in rec["nested"]["deep"][0]
+    assert rec["token"] == "***"
+    assert "*** ***" in rec["exc"]

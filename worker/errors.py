@@ -73,6 +73,16 @@ class Classified:
     detail: dict[str, Any]
 
 
+# What a reader of the chapter is told for each kind of StoreError: only an outage is
+# "briefly unavailable"; a missing or foreign chapter is said as such (never retried).
+_STORE_USER_MESSAGES = {
+    "unavailable": "The database was briefly unavailable; the chapter will be retried.",
+    "not_found": "The chapter for this generation request no longer exists or is not linked to it.",
+    "forbidden": "This generation request does not belong to the chapter's owner.",
+    "error": "The chapter could not be saved, so generation stopped.",
+}
+
+
 def classify(exc: BaseException) -> Classified:
     """Reduce any exception to a ``Classified`` failure.
 
@@ -96,7 +106,7 @@ def classify(exc: BaseException) -> Classified:
         return Classified(
             "store_" + exc.kind,
             str(exc),
-            "The database was briefly unavailable; the chapter will be retried.",
+            _STORE_USER_MESSAGES.get(exc.kind, _STORE_USER_MESSAGES["error"]),
             exc.transient,
             None,
             {"code": exc.code} if exc.code else {},

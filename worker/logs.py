@@ -140,10 +140,15 @@ def redact(text: str) -> str:
 
 
 def clip(text: str, limit: int) -> str:
-    """At most ``limit`` characters, saying how many were cut: user input can be huge."""
+    """At most ``limit`` characters, saying how many were cut: user input can be huge.
+
+    The marker counts within the limit, so clipping again (the JSON formatter re-scrubs
+    what the filter already clipped) changes nothing and the count stays the real one.
+    """
     if len(text) <= limit:
         return text
-    return f"{text[:limit]}... [{len(text) - limit} more characters]"
+    keep = max(0, limit - len(f"... [{len(text)} more characters]"))
+    return f"{text[:keep]}... [{len(text) - keep} more characters]"
 
 
 def _scrub(value: Any, key: str | None = None, depth: int = 0) -> Any:

@@ -76,7 +76,9 @@ def _uuid(value: Any) -> str | None:
 def _int(
     opts: Mapping[str, Any], name: str, default: int, lo: int, hi: int, problems: list[str]
 ) -> int:
-    value = opts.get(name, default)
+    value = opts.get(name)
+    if value is None:  # not given (the enqueue RPC treats a null option the same way)
+        return default
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         problems.append(
             f"options.{name} must be a whole number from {lo} to {hi}, got {shown(value)}"
