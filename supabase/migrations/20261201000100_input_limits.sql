@@ -161,6 +161,13 @@ begin
       message = format('p_options is too large: %s bytes (at most 8192)', octet_length(p_options::text));
   end if;
   for k, v in select key, value from jsonb_each(p_options) loop
+    if k not in ('target_words', 'sections', 'tense', 'genre', 'tone', 'audience',
+                 'point_of_view', 'model', 'instructions') then
+      raise exception using errcode = 'PT400',
+        message = format('p_options has an unknown key %s', left(quote_literal(k), 60)),
+        hint = 'allowed: target_words, sections, genre, tone, point_of_view, tense, audience, '
+               'instructions, model';
+    end if;
     continue when jsonb_typeof(v) = 'null';
     v_text := v #>> '{}';
     case k
@@ -184,12 +191,7 @@ begin
           raise exception using errcode = 'PT400',
             message = format('p_options.%s must be text of at most %s characters', k, v_limit);
         end if;
-      else
-        raise exception using errcode = 'PT400',
-          message = format('p_options has an unknown key %s', left(quote_literal(k), 60)),
-          hint = 'allowed: target_words, sections, genre, tone, point_of_view, tense, audience, '
-                 'instructions, model';
-    end case;
+    end case;  -- every key reaching here is one of the documented ones
   end loop;
 end $$;
 
