@@ -21,7 +21,8 @@ from tests.support.seed import as_role, chapter_job, create_chapter, create_stor
 from worker import logs
 from worker.generation.gemini import GeminiModel
 from worker.logs import setup_logging
-from worker.store.postgres import PostgresStore
+from worker.store import Store
+from worker.store.postgres import PostgresTransport
 
 MB = 1_048_576
 LINE_LIMIT = 20_000
@@ -39,8 +40,8 @@ async def model(fake_gemini: FakeGemini) -> AsyncIterator[GeminiModel]:
 
 
 @pytest.fixture
-async def store(db_dsn: str) -> AsyncIterator[PostgresStore]:
-    s = await PostgresStore(db_dsn).open()
+async def store(db_dsn: str) -> AsyncIterator[Store]:
+    s = await Store(PostgresTransport(db_dsn)).open()
     yield s
     await s.close()
 
@@ -62,7 +63,7 @@ def longest_run(text: str, char: str) -> int:
 
 async def test_a_megabyte_target_words_fails_as_bad_payload_and_is_never_echoed(
     conn: asyncpg.Connection,
-    store: PostgresStore,
+    store: Store,
     model: GeminiModel,
     fake_gemini: FakeGemini,
     json_logs: pytest.CaptureFixture[str],
@@ -102,7 +103,7 @@ async def test_a_megabyte_target_words_fails_as_bad_payload_and_is_never_echoed(
 
 
 async def test_megabyte_story_preferences_do_not_reach_the_model(
-    conn: asyncpg.Connection, store: PostgresStore, model: GeminiModel, fake_gemini: FakeGemini
+    conn: asyncpg.Connection, store: Store, model: GeminiModel, fake_gemini: FakeGemini
 ) -> None:
     """The issue measured ~1.1 million characters in every Gemini request from one genre."""
     await conn.execute("alter table stories drop constraint stories_preferences_bounded")
