@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 
 from tests.support.database import PgTestServer, start_server
+from worker import logs
+from worker.logs import setup_logging
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +35,14 @@ async def conn(db_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     c = await asyncpg.connect(db_dsn)
     yield c
     await c.close()
+
+
+@pytest.fixture
+def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[str]]:
+    """The worker's own stdout handler (JSON lines), removed again afterwards."""
+    setup_logging("INFO", "json")
+    yield capsys
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_genworker_handler", False)]:
+        root.removeHandler(handler)
+    logs.bind_worker(None)

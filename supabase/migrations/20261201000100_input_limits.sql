@@ -351,19 +351,25 @@ begin
   return v_job;
 end $$;
 
--- Owner-only controls answer a missing user exactly as the enqueue does.
-create or replace function public.cancel_job(p_job_id uuid)
-returns boolean language plpgsql volatile security definer set search_path = public, pg_temp as $$
+-- Owner-only controls: one lookup that answers a missing user exactly as the enqueue
+-- does, and another user's job exactly as a job that does not exist.
+create or replace function public.genworker_lock_own_job(p_job_id uuid) returns text
+language plpgsql volatile set search_path = public, pg_temp as $$
 declare
-  v_user uuid := public.genworker_require_user();
   v_status text;
 begin
   select status into v_status from public.job_queue
-   where id = p_job_id and user_id = v_user for update;
+   where id = p_job_id and user_id = public.genworker_require_user() for update;
   if not found then
     raise exception using errcode = 'PT404', message = format('job %s not found', p_job_id);
   end if;
-  if v_status not in ('pending', 'processing', 'paused') then
+  return v_status;
+end $$;
+
+create or replace function public.cancel_job(p_job_id uuid)
+returns boolean language plpgsql volatile security definer set search_path = public, pg_temp as $$
+begin
+  if public.genworker_lock_own_job(p_job_id) not in ('pending', 'processing', 'paused') then
     return false;
   end if;
   update public.job_queue
@@ -374,16 +380,8 @@ end $$;
 
 create or replace function public.pause_job(p_job_id uuid)
 returns boolean language plpgsql volatile security definer set search_path = public, pg_temp as $$
-declare
-  v_user uuid := public.genworker_require_user();
-  v_status text;
 begin
-  select status into v_status from public.job_queue
-   where id = p_job_id and user_id = v_user for update;
-  if not found then
-    raise exception using errcode = 'PT404', message = format('job %s not found', p_job_id);
-  end if;
-  if v_status not in ('pending', 'processing') then
+  if public.genworker_lock_own_job(p_job_id) not in ('pending', 'processing') then
     return false;
   end if;
   update public.job_queue set status = 'paused', current_step = 'paused' where id = p_job_id;
@@ -392,16 +390,8 @@ end $$;
 
 create or replace function public.resume_job(p_job_id uuid)
 returns boolean language plpgsql volatile security definer set search_path = public, pg_temp as $$
-declare
-  v_user uuid := public.genworker_require_user();
-  v_status text;
 begin
-  select status into v_status from public.job_queue
-   where id = p_job_id and user_id = v_user for update;
-  if not found then
-    raise exception using errcode = 'PT404', message = format('job %s not found', p_job_id);
-  end if;
-  if v_status <> 'paused' then
+  if public.genworker_lock_own_job(p_job_id) <> 'paused' then
     return false;
   end if;
   update public.job_queue
@@ -452,6 +442,7 @@ revoke all on function
   public.genworker_jsonb_depth(jsonb, integer), public.job_queue_check_payload(),
   public.job_queue_check_user_caps(), public.genworker_check_chapter_options(jsonb),
   public.genworker_preferences_ok(jsonb), public.genworker_require_user(),
+  public.genworker_lock_own_job(uuid),
   public.genworker_enqueue_chapter(uuid, uuid, jsonb, text),
   public.enqueue_chapter_generation(uuid, jsonb, text),
   public.admin_enqueue_chapter(uuid, jsonb, text),

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import pytest
 import pytest_asyncio
 
 from tests.support.fake_gemini import FakeGemini, start_fake_gemini
+from worker.generation.gemini import GeminiModel
+from worker.store import Store
+from worker.store.postgres import PostgresTransport
 
 
 @pytest_asyncio.fixture
@@ -17,3 +21,22 @@ async def fake_gemini() -> AsyncIterator[FakeGemini]:
         yield fake
     finally:
         await fake.close()
+
+
+@pytest.fixture
+async def model(fake_gemini: FakeGemini) -> AsyncIterator[GeminiModel]:
+    m = GeminiModel(
+        api_key="test-key-123",
+        base_url=fake_gemini.base_url,
+        idle_timeout_s=3.0,  # far above a loaded machine's chunk gaps; only the stall trips it
+        request_timeout_s=60,
+    )
+    yield m
+    await m.aclose()
+
+
+@pytest.fixture
+async def store(db_dsn: str) -> AsyncIterator[Store]:
+    s = await Store(PostgresTransport(db_dsn)).open()
+    yield s
+    await s.close()

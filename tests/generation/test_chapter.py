@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -46,25 +45,6 @@ CONFIG = GenerationConfig(
 )
 OPTIONS = {"sections": 3, "target_words": 600}
 RETRIED = "status = 'pending' and retry_count = 1"
-
-
-@pytest.fixture
-async def model(fake_gemini: FakeGemini) -> AsyncIterator[GeminiModel]:
-    m = GeminiModel(
-        api_key="test-key-123",
-        base_url=fake_gemini.base_url,
-        idle_timeout_s=3.0,  # far above a loaded machine's chunk gaps; only the stall trips it
-        request_timeout_s=60,
-    )
-    yield m
-    await m.aclose()
-
-
-@pytest.fixture
-async def store(db_dsn: str) -> AsyncIterator[Store]:
-    s = await Store(PostgresTransport(db_dsn)).open()
-    yield s
-    await s.close()
 
 
 async def generate(

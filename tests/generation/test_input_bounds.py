@@ -8,9 +8,7 @@ limits existed would be. The worker's own caps are what is under test.
 from __future__ import annotations
 
 import json
-import logging
 import re
-from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
@@ -18,43 +16,14 @@ import pytest
 from tests.generation.test_chapter import CONFIG, generate
 from tests.support.fake_gemini import FakeGemini
 from tests.support.seed import as_role, chapter_job, create_chapter, create_story, create_user
-from worker import logs
 from worker.generation.gemini import GeminiModel
-from worker.logs import setup_logging
 from worker.store import Store
-from worker.store.postgres import PostgresTransport
 
 MB = 1_048_576
 LINE_LIMIT = 20_000
 # What a message or a log line may quote of one user value (payload.shown keeps 60
 # characters, a log field 1,000): far below the value itself.
 QUOTE_LIMIT = 1_000
-
-
-@pytest.fixture
-async def model(fake_gemini: FakeGemini) -> AsyncIterator[GeminiModel]:
-    """The real google-genai SDK against the fake (as in test_chapter.py)."""
-    m = GeminiModel(api_key="test-key-123", base_url=fake_gemini.base_url, idle_timeout_s=5)
-    yield m
-    await m.aclose()
-
-
-@pytest.fixture
-async def store(db_dsn: str) -> AsyncIterator[Store]:
-    s = await Store(PostgresTransport(db_dsn)).open()
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[str]]:
-    """The worker's own stdout handler (JSON lines), removed again afterwards."""
-    setup_logging("INFO", "json")
-    yield capsys
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "_genworker_handler", False)]:
-        root.removeHandler(handler)
-    logs.bind_worker(None)
 
 
 def longest_run(text: str, char: str) -> int:

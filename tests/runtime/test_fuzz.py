@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import random
 import re
 import signal
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +33,10 @@ from tests.runtime.conftest import running, wait_until
 from tests.runtime.test_process import worker_env, worker_process
 from tests.support.seed import as_role, create_chapter, create_story, create_user
 from tests.support.stores import open_store
-from worker import logs
 from worker.generation.chapter import ChapterHandler, GenerationConfig
 from worker.generation.offline import OfflineModel
 from worker.generation.payload import parse_payload
 from worker.handlers import build_handlers
-from worker.logs import setup_logging
 
 pytestmark = pytest.mark.slow
 
@@ -452,16 +448,6 @@ def build_cases(
         ]
     rng.shuffle(cases)
     return cases
-
-
-@pytest.fixture
-def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[str]]:
-    setup_logging("INFO", "json")
-    yield capsys
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "_genworker_handler", False)]:
-        root.removeHandler(handler)
-    logs.bind_worker(None)
 
 
 GEN = GenerationConfig(

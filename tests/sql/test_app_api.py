@@ -7,15 +7,7 @@ import json
 import asyncpg
 import pytest
 
-from tests.support.seed import as_role, claim, create_chapter, create_story, create_user
-
-
-@pytest.fixture
-async def alice(conn: asyncpg.Connection) -> dict[str, str]:
-    user = await create_user(conn, "alice@example.test")
-    story = await create_story(conn, user)
-    chapter = await create_chapter(conn, story, user, 1, "Arrival")
-    return {"user": user, "story": story, "chapter": chapter}
+from tests.support.seed import as_role, claim, create_user
 
 
 @pytest.fixture

@@ -19,14 +19,6 @@ from worker.migrate import apply_bootstrap, apply_migrations, migrations
 DEEP = '{"x":' + "[" * 2000 + "]" * 2000 + "}"
 
 
-@pytest.fixture
-async def alice(conn: asyncpg.Connection) -> dict[str, str]:
-    user = await create_user(conn, "alice@example.test")
-    story = await create_story(conn, user)
-    chapter = await create_chapter(conn, story, user, 1, "Arrival")
-    return {"user": user, "story": story, "chapter": chapter}
-
-
 async def jobs(conn: asyncpg.Connection) -> int:
     return await conn.fetchval("select count(*) from job_queue")
 
