@@ -48,9 +48,19 @@ def cmd_run(_args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from worker.demo import run_demo
 
-    return asyncio.run(run_demo(short=args.short, chapters=args.chapters, port=args.port))
+    return asyncio.run(
+        run_demo(
+            short=args.short,
+            chapters=args.chapters,
+            port=args.port,
+            keep=args.keep,
+            output=Path(args.output),
+        )
+    )
 
 
 async def _with_store(fn: Callable[[Any], Any]) -> Any:
@@ -159,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start an embedded PostgreSQL, apply the migrations, "
         "seed a demo story and run the real worker on its chapters with "
         "live progress bars. Uses the offline model unless GEMINI_API_KEY "
-        "is set.",
+        "is set. Ctrl-C stops cleanly: chapters are handed back, the database is "
+        "stopped and its folder removed. Exit codes: 0 every chapter completed, "
+        "1 a chapter failed, 130 interrupted by Ctrl-C.",
     )
     demo.add_argument("--short", action="store_true", help="small chapters (for CI)")
     demo.add_argument(
@@ -171,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--port", type=int, default=None, help="health port (default HEALTH_CHECK_PORT or 10000)"
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="after the chapters, keep the worker and database up and print DATABASE_URL "
+        "so the other commands can be tried against it (until Ctrl-C, which then exits 0)",
+    )
+    demo.add_argument(
+        "--output", default="demo-output", help="folder for the text (default demo-output)"
     )
     demo.set_defaults(fn=cmd_demo)
 
