@@ -1,7 +1,9 @@
 """`genworker`: run the worker, try the demo, and operate the queue.
 
 Every command reads its configuration from the environment (and `.env`); a bad
-configuration prints one message listing every problem and exits 2.
+configuration prints one message listing every problem and exits 2. Any other expected
+failure is one line on stderr naming what to do: exit 2 for a wrong command line, 1 for
+a failure while running (see worker/cli_errors.py); ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -9,10 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
+import traceback
+import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from worker import __version__
 
@@ -65,9 +70,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 async def _with_store(fn: Callable[[Any], Any]) -> Any:
     settings = _settings("store")
+    from worker.cli_errors import connection_failed, where
     from worker.service import open_store
 
-    store = await open_store(settings)
+    target = where(settings.database_url or settings.supabase_url or "")
+    try:
+        store = await open_store(settings)
+    except Exception as exc:
+        if isinstance(exc, OSError | TimeoutError) or hasattr(exc, "sqlstate"):
+            raise connection_failed(target, exc) from exc
+        raise
     try:
         return await fn(store)
     finally:
@@ -79,16 +91,27 @@ def _print(obj: Any) -> None:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    options = json.loads(args.options) if args.options else {}
+    from worker.cli_errors import CommandFailed, detail
+    from worker.store.base import ConflictError
+
+    options = args.options or {}
 
     async def go(store: Store) -> str:
         if args.chapter:
-            return await store.enqueue_chapter(args.chapter, options, args.idempotency_key)
+            try:
+                return await store.enqueue_chapter(args.chapter, options, args.idempotency_key)
+            except ConflictError as exc:
+                active = _ACTIVE_JOB.search(str(exc))
+                if not active:
+                    raise
+                raise CommandFailed(
+                    f"{detail(exc)}: cancel it with `genworker cancel --job {active.group(1)}`"
+                    ", or wait for it to finish"
+                ) from exc
         return await store.enqueue_job(args.type, options, priority=args.priority, lane=args.lane)
 
     if not args.chapter and not args.type:
-        print("genworker enqueue: give --chapter ID or --type TYPE", file=sys.stderr)
-        return 2
+        raise UsageError("give --chapter ID or --type TYPE")
     _print({"job_id": asyncio.run(_with_store(go))})
     return 0
 
@@ -100,11 +123,9 @@ def cmd_status(_args: argparse.Namespace) -> int:
 
 def cmd_requeue(args: argparse.Namespace) -> int:
     if not (args.ids or args.type or args.since or args.all):
-        print("genworker requeue: give job ids, --type, --since or --all", file=sys.stderr)
-        return 2
-    since = datetime.fromisoformat(args.since) if args.since else None
+        raise UsageError("give job ids, --type, --since or --all")
     ids = asyncio.run(
-        _with_store(lambda s: s.requeue_failed(args.ids or None, args.type, since, args.limit))
+        _with_store(lambda s: s.requeue_failed(args.ids or None, args.type, args.since, args.limit))
     )
     _print({"requeued": ids, "count": len(ids)})
     return 0
@@ -125,34 +146,130 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from worker.migrate import apply_bootstrap, apply_migrations, pending_migrations
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise UsageError("DATABASE_URL must be a postgresql://user:password@host:5432/postgres URL")
+    from worker.cli_errors import CommandFailed, connection_failed, detail, where
+    from worker.migrate import (
+        MigrationFailed,
+        apply_bootstrap,
+        apply_migrations,
+        is_supabase_like,
+        pending_migrations,
+    )
 
     async def go() -> list[str]:
         import asyncpg
 
-        conn = await asyncpg.connect(dsn, statement_cache_size=0)
         try:
-            if args.bootstrap:
+            conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=15)
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise connection_failed(where(dsn), exc) from exc
+        try:
+            if args.bootstrap and not args.dry_run:
                 await apply_bootstrap(conn)
+            pending = await pending_migrations(conn)
+            if pending and not args.bootstrap and not await is_supabase_like(conn):
+                raise UsageError(
+                    "this database lacks what Supabase provides (the auth schema and the "
+                    "anon/authenticated/service_role roles): on plain PostgreSQL run "
+                    "`genworker migrate --bootstrap`"
+                )
             if args.dry_run:
-                return [m.version for m in await pending_migrations(conn)]
-            return await apply_migrations(conn)
+                return [m.path.name for m in pending]
+            try:
+                return [m.path.name for m in await apply_migrations(conn)]
+            except MigrationFailed as exc:
+                raise CommandFailed(
+                    f"migration {exc.migration.path.name} failed and was rolled back "
+                    f"({detail(exc.__cause__ or exc)}); the ones before it are applied"
+                ) from exc
         finally:
             await conn.close()
 
-    versions = asyncio.run(go())
-    _print({"pending" if args.dry_run else "applied": versions})
+    names = asyncio.run(go())
+    _print({"pending" if args.dry_run else "applied": names})
     return 0
 
 
+# -- arguments: checked before anything connects, so a typo costs nothing -------------------
+_ACTIVE_JOB = re.compile(r"active generation job ([0-9a-f-]{36})")
+
+
+class UsageError(Exception):
+    """The command line is wrong: one line, exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line naming the help to read (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def uuid_arg(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a uuid: {_shown(text)} (expected e.g. 00000000-0000-4000-8000-00000000c001)"
+        ) from None
+
+
+def json_object_arg(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        msg = getattr(exc, "msg", "invalid")
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON ({msg} at character {getattr(exc, 'pos', '?')}); quote it for "
+            """the shell, e.g. '{"target_words": 1200}'"""
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object, e.g. '{{\"sections\": 3}}', not {type(value).__name__}"
+        )
+    return value
+
+
+def since_arg(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO date or time: {_shown(text)} (e.g. 2026-11-22 or "
+            "2026-11-22T09:00:00+00:00)"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {_shown(text)}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="genworker",
         description="A Supabase job-queue worker that streams Gemini "
-        "chapters into Postgres. Configuration comes from the environment (see .env.example).",
+        "chapters into Postgres. Configuration comes from the environment (see .env.example). "
+        "Exit codes: 0 done, 1 failed while running, 2 wrong command line or configuration, "
+        "130 Ctrl-C.",
     )
     p.add_argument("--version", action="version", version=f"genworker {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument(
+        "--debug", action="store_true", help="show the traceback of a failure (for bug reports)"
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     run = sub.add_parser(
         "run",
@@ -201,11 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Enqueue a chapter_generation job on behalf of the "
         "chapter's owner (--chapter), or a job of any type (--type).",
     )
-    enq.add_argument("--chapter", help="chapter id (uuid)")
+    enq.add_argument("--chapter", type=uuid_arg, help="chapter id (uuid)")
     enq.add_argument("--type", help="job type, e.g. noop")
     enq.add_argument(
         "--options",
-        help="JSON: chapter options or the job payload, e.g. '{\"target_words\": 1200}'",
+        type=json_object_arg,
+        help="JSON object: chapter options or the job payload, e.g. '{\"target_words\": 1200}'",
     )
     enq.add_argument("--idempotency-key", help="same key, same job")
     enq.add_argument("--priority", type=int, default=0, help="higher runs first")
@@ -233,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="first create what Supabase provides (roles, auth schema, "
         "publication): for plain PostgreSQL only",
     )
-    mig.add_argument("--dry-run", action="store_true", help="list pending migrations only")
+    mig.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the pending migration files and change nothing (not even --bootstrap)",
+    )
     mig.set_defaults(fn=cmd_migrate)
 
     rq = sub.add_parser(
@@ -242,18 +364,49 @@ def build_parser() -> argparse.ArgumentParser:
         description="Failed jobs go back to pending with their retries reset "
         "and their checkpoint kept, by id or by filter.",
     )
-    rq.add_argument("ids", nargs="*", help="job ids")
+    rq.add_argument("ids", nargs="*", type=uuid_arg, help="job ids")
     rq.add_argument("--type", help="only this job type")
-    rq.add_argument("--since", help="only jobs failed at or after this ISO time")
+    rq.add_argument(
+        "--since",
+        type=since_arg,
+        help="only jobs failed at or after this ISO date/time (UTC unless it names a zone)",
+    )
     rq.add_argument("--all", action="store_true", help="every failed job (up to --limit)")
-    rq.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    rq.add_argument(
+        "--limit", type=positive_int, default=1000, help="at most this many (default 1000)"
+    )
     rq.set_defaults(fn=cmd_requeue)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    prog = f"genworker {args.command}"
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except UsageError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: {exc} (see `{prog} --help`)", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from worker.cli_errors import EXIT_RUNTIME, detail, explain
+
+        if args.debug:
+            traceback.print_exc()
+        failure = explain(exc)
+        if failure is None:
+            print(
+                f"{prog}: unexpected error {type(exc).__name__}: {detail(exc)} (run "
+                f"`genworker --debug {args.command} ...` for the traceback and report it)",
+                file=sys.stderr,
+            )
+            return EXIT_RUNTIME
+        print(f"{prog}: {failure}", file=sys.stderr)
+        return failure.code
 
 
 if __name__ == "__main__":

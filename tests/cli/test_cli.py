@@ -82,9 +82,21 @@ async def test_migrate_fresh_database(pg_server) -> None:
     from tests.support.database import with_database
 
     dsn = with_database(pg_server.admin_dsn, "fresh_migrate")
+    proc = genworker("migrate", "--bootstrap", "--dry-run", env={"DATABASE_URL": dsn})
+    assert proc.returncode == 0, proc.stderr
+    from worker.migrate import migrations
+
+    files = [m.path.name for m in migrations()]
+    assert json.loads(proc.stdout) == {"pending": files}
+    assert all(name.endswith(".sql") and name[:14].isdigit() for name in files)
+    conn = await asyncpg.connect(dsn)
+    try:  # a dry run changes nothing, not even the bootstrap
+        assert await conn.fetchval("select to_regnamespace('auth')") is None
+    finally:
+        await conn.close()
     proc = genworker("migrate", "--bootstrap", env={"DATABASE_URL": dsn})
     assert proc.returncode == 0, proc.stderr
-    assert len(json.loads(proc.stdout)["applied"]) >= 5
+    assert json.loads(proc.stdout)["applied"] == files
     conn = await asyncpg.connect(dsn)
     try:
         assert await conn.fetchval(
