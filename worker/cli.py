@@ -24,7 +24,18 @@ from worker import __version__
 if TYPE_CHECKING:  # imported lazily at run time: `genworker --help` stays fast
     from worker.store import Store
 
-COMMANDS = ("run", "demo", "enqueue", "status", "migrate", "requeue")
+COMMANDS = (
+    "run",
+    "demo",
+    "enqueue",
+    "status",
+    "show",
+    "cancel",
+    "pause",
+    "resume",
+    "requeue",
+    "migrate",
+)
 
 
 def _settings(scope: str = "worker") -> Any:
@@ -129,6 +140,130 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     )
     _print({"requeued": ids, "count": len(ids)})
     return 0
+
+
+# What each control applies to, for the message when it does not (SQL: genworker_control_job).
+_CONTROLS = {
+    "cancel": ("cancelled", "pending, processing or paused"),
+    "pause": ("paused", "pending or processing"),
+    "resume": ("resumed", "paused"),
+}
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """cancel | pause | resume: any user's job, as an operator."""
+    from worker.cli_errors import CommandFailed
+
+    action = args.command
+
+    async def go(store: Any) -> tuple[bool, Any]:
+        changed = await store.control_job(args.job, action)
+        return changed, await store.get_job(args.job)
+
+    changed, job = asyncio.run(_with_store(go))
+    status = job.status if job is not None else "gone"
+    if not changed:
+        done, applies_to = _CONTROLS[action]
+        raise CommandFailed(
+            f"job {args.job} is {status}: only {applies_to} jobs can be {done}; nothing changed"
+        )
+    _print({"job_id": args.job, "action": action, "status": status})
+    return 0
+
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def _state_line(ch: dict[str, Any]) -> str:
+    step = ch.get("current_step") or ""
+    parts = [
+        f"chapter {ch['number']} {ch['title']!r}: {ch['status']}",
+        f"{ch['progress']}%",
+        *([step] if step and step != ch["status"] else []),
+        f"{ch['word_count']} words",
+        f"job {ch['job_id']} ({ch['job_status']})" if ch.get("job_id") else "no job yet",
+    ]
+    line = ", ".join(parts)
+    if ch.get("error_message"):
+        line += f"; error: {ch['error_message'][:300]}"
+    return line
+
+
+def _chapter_outcome(ch: dict[str, Any]) -> int:
+    from worker.cli_errors import CommandFailed
+
+    if ch["status"] in ("failed", "cancelled"):
+        reason = f": {ch['error_message'][:300]}" if ch.get("error_message") else ""
+        raise CommandFailed(f"chapter {ch['chapter_id']} {ch['status']}{reason}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """State on stderr, text on stdout: `genworker show --chapter ID > chapter.md` keeps the
+    text alone, and a terminal shows both."""
+    from worker.cli_errors import CommandFailed
+
+    async def go(store: Any) -> int:
+        if args.follow:
+            return await _follow(store, args.chapter, args.interval)
+        ch = await store.read_chapter(args.chapter)
+        if ch is None:
+            raise CommandFailed(f"chapter {args.chapter} not found")
+        if args.json:
+            _print(ch)
+            return 0
+        print(_state_line(ch), file=sys.stderr, flush=True)
+        if ch["content"]:
+            print(ch["content"])
+        return 0
+
+    return asyncio.run(_with_store(go))
+
+
+async def _follow(store: Any, chapter_id: str, interval: float) -> int:
+    """Print the text as it is written, until the chapter reaches a terminal state.
+
+    Each poll asks only for the characters after the ones already printed. A section
+    retried from its start shortens the text; that is announced and printing goes on
+    from the new end.
+    """
+    from worker.cli_errors import CommandFailed
+
+    offset, last_state, ends_with_newline = 0, "", True
+    while True:
+        ch = await store.read_chapter(chapter_id, from_char=offset)
+        if ch is None:
+            raise CommandFailed(f"chapter {chapter_id} not found")
+        if ch["content_length"] < offset:
+            print(
+                f"\n[the text was cut back to {ch['content_length']} characters: a section is "
+                "being written again]",
+                file=sys.stderr,
+                flush=True,
+            )
+            offset = ch["content_length"]
+            continue
+        state = _state_line(ch)
+        if state != last_state:
+            print(("" if ends_with_newline else "\n") + f"[{state}]", file=sys.stderr, flush=True)
+            last_state = state
+            if ch["status"] == "draft" and not ch.get("job_id"):
+                print(
+                    f"[waiting: enqueue it with `genworker enqueue --chapter {chapter_id}`]",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        text = ch["content"] or ""
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            offset += len(text)
+            ends_with_newline = text.endswith("\n")
+        if ch["status"] in TERMINAL:
+            if not ends_with_newline:
+                print()
+            return _chapter_outcome(ch)
+        await asyncio.sleep(interval)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -376,6 +511,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=positive_int, default=1000, help="at most this many (default 1000)"
     )
     rq.set_defaults(fn=cmd_requeue)
+
+    for action, what in (
+        ("cancel", "cancel a pending, processing or paused job (its chapter keeps its text)"),
+        ("pause", "pause a pending or processing job (it keeps its checkpoint)"),
+        ("resume", "put a paused job back in the queue (no attempt used)"),
+    ):
+        ctl = sub.add_parser(
+            action,
+            help=what.split(" (")[0],
+            description=f"As an operator, {what}; any user's job. A processing job's "
+            "worker stops at its next heartbeat. Exit 1 when the job is not in a state "
+            "this applies to.",
+        )
+        ctl.add_argument("--job", type=uuid_arg, required=True, help="job id (uuid)")
+        ctl.set_defaults(fn=cmd_control)
+
+    show = sub.add_parser(
+        "show",
+        help="a chapter's state, progress and text (--follow: live)",
+        description="Print a chapter's state and progress (stderr) and its text so far "
+        "(stdout). With --follow, print the text as it is written until the chapter "
+        "completes (exit 0), fails or is cancelled (exit 1).",
+    )
+    show.add_argument("--chapter", type=uuid_arg, required=True, help="chapter id (uuid)")
+    show.add_argument(
+        "--follow", "-f", action="store_true", help="stream the text until a final state"
+    )
+    show.add_argument(
+        "--interval",
+        type=float,
+        default=0.5,
+        help="seconds between looks with --follow (default 0.5)",
+    )
+    show.add_argument("--json", action="store_true", help="the whole row as JSON (not --follow)")
+    show.set_defaults(fn=cmd_show)
     return p
 
 

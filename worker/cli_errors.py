@@ -14,6 +14,7 @@ from worker.store.base import (
     ConflictError,
     ForbiddenError,
     InvalidInputError,
+    NotFoundError,
     StoreError,
     TransientStoreError,
     error_from_code,
@@ -108,7 +109,7 @@ def explain(exc: BaseException) -> CommandFailed | None:
             )
         if isinstance(exc, InvalidInputError):
             return CommandFailed(f"the database rejected the input: {detail(exc)}", EXIT_USAGE)
-        if isinstance(exc, ConflictError):
+        if isinstance(exc, ConflictError | NotFoundError):
             return CommandFailed(detail(exc))
         return CommandFailed(f"database error: {detail(exc)}")
     if isinstance(exc, (OSError, TimeoutError)):

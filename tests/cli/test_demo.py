@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -172,3 +173,42 @@ def test_demo_reports_a_failed_chapter(tmp_path: Path) -> None:
     assert "ch.1 failed:" in out and "(interrupted)" not in out
     assert "Traceback" not in out + proc.stderr
     assert list((tmp_path / "tmp").glob("genworker-pg-*")) == []
+
+
+def test_demo_keep_serves_the_other_commands(tmp_path: Path) -> None:
+    """`demo --keep`: the printed DATABASE_URL works for status, enqueue, show --follow and
+    cancel while the demo's worker keeps running; Ctrl-C then ends it with exit 0."""
+    from tests.cli.test_cli import genworker
+
+    argv = demo_args("--keep", "--short", "--chapters", "1", "--output", str(tmp_path / "out"))
+    proc = start_in_own_session([sys.executable, "-m", "worker", *argv], demo_env(tmp_path))
+    lines: list[str] = []
+    try:
+        read_until(proc, "export DATABASE_URL=", lines)
+        dsn = lines[-1].split("export DATABASE_URL=", 1)[1].strip()
+        postmasters = postmaster_pids(tmp_path / "tmp")
+        env = {"DATABASE_URL": dsn}
+
+        status = genworker("status", env=env)
+        assert status.returncode == 0 and json.loads(status.stdout)["by_status"] == {"completed": 1}
+        second = "00000000-0000-4000-8000-00000000c002"
+        enq = genworker("enqueue", "--chapter", second, "--options", '{"sections": 2}', env=env)
+        assert enq.returncode == 0, enq.stderr
+        job = json.loads(enq.stdout)["job_id"]
+        shown = genworker("show", "--chapter", second, "--follow", env=env)
+        assert shown.returncode == 0, shown.stderr
+        assert len(shown.stdout.split()) > 50 and "(completed)]" in shown.stderr
+        cancel = genworker("cancel", "--job", job, env=env)
+        assert cancel.returncode == 1 and f"job {job} is completed" in cancel.stderr
+
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        text = "".join(lines) + out
+        assert proc.returncode == 0, text
+        assert "Traceback" not in text and "jobs:            1 completed of 1\n" in text
+        assert_database_gone(tmp_path / "tmp", postmasters)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        stop_leftovers(tmp_path / "tmp")

@@ -49,7 +49,10 @@ async def unmigrated_dsn(pg_server) -> AsyncIterator[str]:
 BAD_UUID = [
     ("enqueue", ["enqueue", "--chapter", "chapter-one"]),
     ("requeue", ["requeue", "not-a-job"]),
-    ("requeue", ["requeue", "x" * 500]),
+    ("cancel", ["cancel", "--job", "12345"]),
+    ("pause", ["pause", "--job", "x" * 500]),
+    ("resume", ["resume", "--job", ""]),
+    ("show", ["show", "--chapter", "c001"]),
 ]
 
 
@@ -80,6 +83,8 @@ def test_bad_since_date(since: str) -> None:
         ("enqueue", ["enqueue"]),
         ("requeue", ["requeue"]),
         ("requeue", ["requeue", "--all", "--limit", "0"]),
+        ("cancel", ["cancel"]),
+        ("show", ["show"]),
     ],
 )
 def test_missing_or_invalid_arguments(command: str, argv: list[str]) -> None:
@@ -98,6 +103,10 @@ STORE_COMMANDS = [
     ("enqueue", ["enqueue", "--type", "noop"]),
     ("enqueue", ["enqueue", "--chapter", A_UUID]),
     ("requeue", ["requeue", "--all"]),
+    ("cancel", ["cancel", "--job", A_UUID]),
+    ("pause", ["pause", "--job", A_UUID]),
+    ("resume", ["resume", "--job", A_UUID]),
+    ("show", ["show", "--chapter", A_UUID]),
 ]
 IDS = [" ".join(argv[:2]) for _, argv in STORE_COMMANDS]
 
