@@ -19,6 +19,7 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -164,6 +165,7 @@ async def run_demo(
     keep: bool = False,
     output: Path = OUTPUT_DIR,
 ) -> int:
+    from worker.cli_errors import CommandFailed
     from worker.devdb import LocalCluster, free_port
 
     started = time.monotonic()
@@ -176,16 +178,32 @@ async def run_demo(
     interrupts = Interrupts()
     interrupts.install(loop)
     print("Starting an embedded PostgreSQL ...", flush=True)
-    cluster = LocalCluster()
+    try:
+        cluster = LocalCluster()
+    except RuntimeError as exc:  # no server binaries: say how to get them
+        raise CommandFailed(str(exc)) from exc
     try:
         try:
             # In a thread, so a Ctrl-C during initdb/start is seen at once.
             await asyncio.to_thread(cluster.start)
             await _prepare_database(cluster.dsn())
-        except Exception:
+        except Exception as exc:
             if interrupts.received:  # initdb shares our process group and died of the Ctrl-C
                 print("Interrupted during start-up; nothing was written.")
                 return EXIT_INTERRUPTED
+            if isinstance(exc, FileNotFoundError):
+                raise CommandFailed(
+                    f"no PostgreSQL program at {exc.filename}: unset PG_BIN to use the "
+                    "embedded server, or point it at a PostgreSQL bin folder"
+                ) from exc
+            if isinstance(exc, subprocess.CalledProcessError):
+                tool = Path(str(exc.cmd[0])).name
+                said = (exc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+                raise CommandFailed(
+                    f"the embedded PostgreSQL could not start ({tool}: {said[0][:200]}); "
+                    "set PG_BIN to another PostgreSQL's bin folder, or use your own database "
+                    "with `genworker migrate --bootstrap`"
+                ) from exc
             raise
         if interrupts.received:
             print("Interrupted during start-up; nothing was written.")

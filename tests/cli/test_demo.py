@@ -212,3 +212,18 @@ def test_demo_keep_serves_the_other_commands(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         stop_leftovers(tmp_path / "tmp")
+
+
+def test_demo_without_postgresql_says_what_to_do(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", *demo_args("--short")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=demo_env(tmp_path, PG_BIN=str(tmp_path / "no-such-bin")),
+    )
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("genworker demo: no PostgreSQL program at ") and "PG_BIN" in line
+    assert list((tmp_path / "tmp").glob("genworker-pg-*")) == []
