@@ -392,6 +392,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def interval_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.05 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"must be 0.05 to 60 seconds, not {_shown(text)}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="genworker",
@@ -540,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument(
         "--interval",
-        type=float,
+        type=interval_arg,
         default=0.5,
         help="seconds between looks with --follow (default 0.5)",
     )

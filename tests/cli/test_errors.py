@@ -85,6 +85,8 @@ def test_bad_since_date(since: str) -> None:
         ("requeue", ["requeue", "--all", "--limit", "0"]),
         ("cancel", ["cancel"]),
         ("show", ["show"]),
+        ("show", ["show", "--chapter", A_UUID, "--follow", "--interval", "0"]),
+        ("show", ["show", "--chapter", A_UUID, "--follow", "--interval", "nan"]),
     ],
 )
 def test_missing_or_invalid_arguments(command: str, argv: list[str]) -> None:
