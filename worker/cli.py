@@ -312,7 +312,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             if args.dry_run:
                 return [m.path.name for m in pending]
             try:
-                return [m.path.name for m in await apply_migrations(conn)]
+                files = {m.version: m.path.name for m in pending}
+                return [files[version] for version in await apply_migrations(conn)]
             except MigrationFailed as exc:
                 raise CommandFailed(
                     f"migration {exc.migration.path.name} failed and was rolled back "

@@ -86,10 +86,8 @@ async def is_supabase_like(conn: asyncpg.Connection) -> bool:
     )
 
 
-async def apply_migrations(
-    conn: asyncpg.Connection, directory: Path | None = None
-) -> list[Migration]:
-    """Apply pending migrations, each in its own transaction; return those applied.
+async def apply_migrations(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
+    """Apply pending migrations, each in its own transaction; return the versions applied.
 
     Raises ``MigrationFailed`` naming the file that failed (the earlier ones stay applied).
     """
@@ -112,7 +110,7 @@ async def apply_migrations(
                 )
         except asyncpg.PostgresError as exc:
             raise MigrationFailed(mig) from exc
-        applied.append(mig)
+        applied.append(mig.version)
     return applied
 
 
