@@ -1,4 +1,5 @@
-"""supabase/config.toml: what the Supabase CLI needs to push, start and reset from this repo."""
+"""supabase/config.toml: what the Supabase CLI needs to push, start and reset from this repo
+(docs/supabase-platform.md §6)."""
 
 from __future__ import annotations
 

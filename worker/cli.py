@@ -15,14 +15,17 @@ import re
 import sys
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from worker import __version__
 
 if TYPE_CHECKING:  # imported lazily at run time: `genworker --help` stays fast
     from worker.store import Store
+    from worker.store.base import Job
+
+_T = TypeVar("_T")
 
 COMMANDS = (
     "run",
@@ -79,7 +82,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
-async def _with_store(fn: Callable[[Any], Any]) -> Any:
+async def _with_store(fn: Callable[[Store], Awaitable[_T]]) -> _T:
     settings = _settings("store")
     from worker.cli_errors import connection_failed, where
     from worker.service import open_store
@@ -156,7 +159,7 @@ def cmd_control(args: argparse.Namespace) -> int:
 
     action = args.command
 
-    async def go(store: Any) -> tuple[bool, Any]:
+    async def go(store: Store) -> tuple[bool, Job | None]:
         changed = await store.control_job(args.job, action)
         return changed, await store.get_job(args.job)
 
@@ -203,7 +206,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     text alone, and a terminal shows both."""
     from worker.cli_errors import CommandFailed
 
-    async def go(store: Any) -> int:
+    async def go(store: Store) -> int:
         if args.follow:
             return await _follow(store, args.chapter, args.interval)
         ch = await store.read_chapter(args.chapter)
@@ -220,7 +223,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     return asyncio.run(_with_store(go))
 
 
-async def _follow(store: Any, chapter_id: str, interval: float) -> int:
+async def _follow(store: Store, chapter_id: str, interval: float) -> int:
     """Print the text as it is written, until the chapter reaches a terminal state.
 
     Each poll asks only for the characters after the ones already printed. A section

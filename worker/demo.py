@@ -80,8 +80,8 @@ class Interrupts:
     """SIGINT/SIGTERM as a flag plus a callback, so every phase can end cleanly.
 
     A terminal sends Ctrl-C to the whole foreground process group; the embedded
-    PostgreSQL is in its own session (pg_ctl starts it with setsid), so it keeps
-    serving while the worker hands its chapters back.
+    PostgreSQL is in its own session, so it keeps serving while the worker hands its
+    chapters back (docs/supabase-platform.md §7).
     """
 
     def __init__(self) -> None:

@@ -266,11 +266,13 @@ class Store:
         """
         if action not in ("cancel", "pause", "resume"):
             raise ValueError(f"unknown job action {action!r}")
-        return bool(await self._value(f"admin_{action}_job", {"p_job_id": job_id}))
+        return bool(await self.transport.value(f"admin_{action}_job", {"p_job_id": job_id}))
 
     async def read_chapter(self, chapter_id: str, *, from_char: int = 0) -> dict[str, Any] | None:
         """``read_chapter``: one chapter's state and its text from character ``from_char``."""
-        rows = await self._rows("read_chapter", {"p_chapter_id": chapter_id, "p_from": from_char})
+        rows = await self.transport.rows(
+            "read_chapter", {"p_chapter_id": chapter_id, "p_from": from_char}
+        )
         return rows[0] if rows else None
 
     async def story_progress(
