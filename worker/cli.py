@@ -180,7 +180,7 @@ TERMINAL = ("completed", "failed", "cancelled")
 def _state_line(ch: dict[str, Any]) -> str:
     step = ch.get("current_step") or ""
     parts = [
-        f"chapter {ch['number']} {ch['title']!r}: {ch['status']}",
+        f"chapter {ch['number']} {(ch['title'] or '')[:120]!r}: {ch['status']}",
         f"{ch['progress']}%",
         *([step] if step and step != ch["status"] else []),
         f"{ch['word_count']} words",
