@@ -1,7 +1,7 @@
 """Chapter benchmark: 50 chapters at once against the fake Gemini server, at a realistic pace.
 
-    python bench/chapter_stream.py            # 50 chapters x 5 sections x ~600 words
-    python bench/chapter_stream.py --quick    # 10 chapters x 3 sections x ~300 words
+    .venv/bin/python bench/chapter_stream.py            # 50 chapters x 5 sections x ~600 words
+    .venv/bin/python bench/chapter_stream.py --quick    # 10 chapters x 3 sections x ~300 words
 
 The worker is the production assembly: the real Runner, the Store over asyncpg (LISTEN on),
 ChapterHandler with the production defaults (FLUSH_INTERVAL_MS=1000,
@@ -13,6 +13,9 @@ the CPU figure is the worker's own. The subprocess also hosts a byte-counting TC
 proxy between the worker and PostgreSQL, so "bytes sent to the database" is
 measured on the wire (``--direct-db`` skips the proxy). PostgreSQL is a throwaway
 LocalCluster on the same machine.
+
+(the project's .venv has the dependencies; ``python3 dev.py test`` creates it). Exit
+status 1 when a stated target fails or a chapter does not complete, 0 otherwise.
 
 Figures (each target from the issue is printed with PASS/FAIL):
 
@@ -54,6 +57,7 @@ from typing import Any
 import measure
 from measure import (
     RssSampler,
+    Targets,
     counter_value,
     cpu_s,
     log_problems,
@@ -79,10 +83,6 @@ create trigger bench_log_row_write after update on chapters
 create trigger bench_log_row_write after update on job_queue
   for each row execute function bench_log_row_write();
 """
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 # == the subprocess: fake Gemini + byte-counting proxy =====================================
@@ -462,8 +462,10 @@ async def run(args: argparse.Namespace) -> int:
         finally:
             await fake.close()
     pg_cpu = pg_cpu1 - pg_cpu0 if pg_cpu0 is not None and pg_cpu1 is not None else None
+    targets = Targets()
     report(
         args,
+        targets,
         server_version=server_version,
         wall=wall,
         cpu=cpu,
@@ -476,7 +478,9 @@ async def run(args: argparse.Namespace) -> int:
         problems=problems,
         first=first,
     )
-    return 0 if all(j["status"] == "completed" for j in db["jobs"].values()) else 1
+    if not all(j["status"] == "completed" for j in db["jobs"].values()):
+        targets.failed.append("every chapter completed")
+    return targets.exit_code()
 
 
 async def collect(admin: Any, jobs: dict[str, int]) -> dict[str, Any]:
@@ -504,6 +508,7 @@ async def collect(admin: Any, jobs: dict[str, int]) -> dict[str, Any]:
 
 def report(
     args: argparse.Namespace,
+    targets: Targets,
     *,
     server_version: str,
     wall: float,
@@ -563,7 +568,7 @@ def report(
     cpu_per_chapter = cpu / n
 
     lines = [
-        f"$ python bench/chapter_stream.py {' '.join(sys.argv[1:])}".rstrip(),
+        f"$ .venv/bin/python bench/chapter_stream.py {' '.join(sys.argv[1:])}".rstrip(),
         f"machine: {os.cpu_count()} CPU, Python {platform.python_version()}, PostgreSQL "
         f"{server_version.split()[0]} on the SAME machine (LocalCluster: loopback TCP, "
         "fsync=off, synchronous_commit=off); fake Gemini in a subprocess",
@@ -582,7 +587,7 @@ def report(
         f"CPU per chapter     {cpu_per_chapter:.3f} s  (worker process user+sys "
         f"{cpu:.2f} s / {n}; {cpu / max(chunks, 1) * 1e6:.0f} us per streamed chunk)",
         f"CPU / wall          {cores:.2f} cores over the {wall:.1f} s run   target <= 0.5  "
-        f"{verdict(cores <= 0.5)}",
+        f"{targets.check('CPU/wall', cores <= 0.5)}",
         f"peak RSS            {RssSampler.maxrss_mb():.1f} MB (ru_maxrss)"
         + (f"; psutil sampled peak {rss.peak / 2**20:.1f} MB" if rss.peak else ""),
         f"writes per chapter  {statistics.fmean(chapter_writes):.1f} chapter-row UPDATEs "
@@ -592,13 +597,15 @@ def report(
         f"                    job_queue row UPDATEs: {statistics.fmean(job_writes):.1f} per "
         "chapter (claim, milestone steps in chapter writes, heartbeats, complete)",
         f"bytes / text        payload {payload_ratio:.3f}  target <= 1.3  "
-        f"{verdict(payload_ratio <= 1.3)}  (job_result bytes_written = text + step + "
+        f"{targets.check('payload/text', payload_ratio <= 1.3)}  (job_result bytes_written = "
+        "text + step + "
         "checkpoint of each append, + outline JSON + title)",
     ]
     if wire_ratio is not None:
         lines.append(
             f"                    wire    {wire_ratio:.3f}  target <= 1.3  "
-            f"{verdict(wire_ratio <= 1.3)}  ({proxy['up']:,} bytes this process sent to "
+            f"{targets.check('wire/text', wire_ratio <= 1.3)}  ({proxy['up']:,} bytes this "
+            "process sent to "
             "PostgreSQL during the run, all calls and protocol framing)"
         )
     else:
@@ -613,7 +620,8 @@ def report(
             f"{proxy['connections']} connections"
         )
     lines += [
-        f"wall / stream time  {agg_ratio:.4f}  target <= 1.02  {verdict(agg_ratio <= 1.02)}  "
+        f"wall / stream time  {agg_ratio:.4f}  target <= 1.02  "
+        f"{targets.check('wall/stream', agg_ratio <= 1.02)}  "
         f"(sum of job walls {sum(walls):.1f} s / sum of section streams "
         f"{sum(stream_time):.1f} s; per chapter p50 {pct(ratios, 50):.4f}, "
         f"max {max(ratios):.4f})",

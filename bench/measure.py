@@ -99,6 +99,25 @@ class RssSampler:
         return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+class Targets:
+    """The verdict on each stated target; a benchmark exits 1 when any failed, so a script
+    or CI can act on it without reading the figures."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def check(self, name: str, ok: bool) -> str:
+        if not ok:
+            self.failed.append(name)
+        return "PASS" if ok else "FAIL"
+
+    def exit_code(self) -> int:
+        if self.failed:
+            say(f"targets failed: {', '.join(self.failed)}")
+            return 1
+        return 0
+
+
 def cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime

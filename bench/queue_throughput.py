@@ -1,7 +1,10 @@
 """Queue benchmark: no-op jobs through the real Runner and the Store over asyncpg.
 
-    python bench/queue_throughput.py            # 5,000 jobs + 2 x 200 latency probes
-    python bench/queue_throughput.py --quick    # a smaller run (about 20 s)
+    .venv/bin/python bench/queue_throughput.py            # 5,000 jobs + 2 x 200 latency probes
+    .venv/bin/python bench/queue_throughput.py --quick    # a smaller run (about 20 s)
+
+(the project's .venv has the dependencies; ``python3 dev.py test`` creates it). It states
+no target, so it exits 0 unless the run itself fails.
 
 What it measures, on a throwaway local PostgreSQL (LocalCluster, same machine):
 
@@ -307,7 +310,7 @@ def report(
     first: list[str],
 ) -> None:
     lines = [
-        f"$ python bench/queue_throughput.py {' '.join(sys.argv[1:])}".rstrip(),
+        f"$ .venv/bin/python bench/queue_throughput.py {' '.join(sys.argv[1:])}".rstrip(),
         f"machine: {os.cpu_count()} CPU, Python {platform.python_version()}, PostgreSQL "
         f"{server_version.split()[0]} on the SAME machine (LocalCluster: loopback TCP, "
         "fsync=off, synchronous_commit=off)",

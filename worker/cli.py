@@ -1,7 +1,9 @@
 """`genworker`: run the worker, try the demo, and operate the queue.
 
 Every command reads its configuration from the environment (and `.env`); a bad
-configuration prints one message listing every problem and exits 2.
+configuration prints one message listing every problem and exits 2. Any other expected
+failure is one line on stderr naming what to do: exit 2 for a wrong command line, 1 for
+a failure while running (see worker/cli_errors.py); ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -9,17 +11,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
-from collections.abc import Callable, Sequence
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from worker import __version__
 
 if TYPE_CHECKING:  # imported lazily at run time: `genworker --help` stays fast
     from worker.store import Store
+    from worker.store.base import Job
 
-COMMANDS = ("run", "demo", "enqueue", "status", "migrate", "requeue")
+_T = TypeVar("_T")
+
+COMMANDS = (
+    "run",
+    "demo",
+    "enqueue",
+    "status",
+    "show",
+    "cancel",
+    "pause",
+    "resume",
+    "requeue",
+    "migrate",
+)
 
 
 def _settings(scope: str = "worker") -> Any:
@@ -48,16 +67,33 @@ def cmd_run(_args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from worker.demo import run_demo
 
-    return asyncio.run(run_demo(short=args.short, chapters=args.chapters, port=args.port))
+    return asyncio.run(
+        run_demo(
+            short=args.short,
+            chapters=args.chapters,
+            port=args.port,
+            keep=args.keep,
+            output=Path(args.output),
+        )
+    )
 
 
-async def _with_store(fn: Callable[[Any], Any]) -> Any:
+async def _with_store(fn: Callable[[Store], Awaitable[_T]]) -> _T:
     settings = _settings("store")
+    from worker.cli_errors import connection_failed, where
     from worker.service import open_store
 
-    store = await open_store(settings)
+    target = where(settings.database_url or settings.supabase_url or "")
+    try:
+        store = await open_store(settings)
+    except Exception as exc:
+        if isinstance(exc, OSError | TimeoutError) or hasattr(exc, "sqlstate"):
+            raise connection_failed(target, exc) from exc
+        raise
     try:
         return await fn(store)
     finally:
@@ -69,16 +105,27 @@ def _print(obj: Any) -> None:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    options = json.loads(args.options) if args.options else {}
+    from worker.cli_errors import CommandFailed, detail
+    from worker.store.base import ConflictError
+
+    options = args.options or {}
 
     async def go(store: Store) -> str:
         if args.chapter:
-            return await store.enqueue_chapter(args.chapter, options, args.idempotency_key)
+            try:
+                return await store.enqueue_chapter(args.chapter, options, args.idempotency_key)
+            except ConflictError as exc:
+                active = _ACTIVE_JOB.search(str(exc))
+                if not active:
+                    raise
+                raise CommandFailed(
+                    f"{detail(exc)}: cancel it with `genworker cancel --job {active.group(1)}`"
+                    ", or wait for it to finish"
+                ) from exc
         return await store.enqueue_job(args.type, options, priority=args.priority, lane=args.lane)
 
     if not args.chapter and not args.type:
-        print("genworker enqueue: give --chapter ID or --type TYPE", file=sys.stderr)
-        return 2
+        raise UsageError("give --chapter ID or --type TYPE")
     _print({"job_id": asyncio.run(_with_store(go))})
     return 0
 
@@ -90,14 +137,136 @@ def cmd_status(_args: argparse.Namespace) -> int:
 
 def cmd_requeue(args: argparse.Namespace) -> int:
     if not (args.ids or args.type or args.since or args.all):
-        print("genworker requeue: give job ids, --type, --since or --all", file=sys.stderr)
-        return 2
-    since = datetime.fromisoformat(args.since) if args.since else None
+        raise UsageError("give job ids, --type, --since or --all")
     ids = asyncio.run(
-        _with_store(lambda s: s.requeue_failed(args.ids or None, args.type, since, args.limit))
+        _with_store(lambda s: s.requeue_failed(args.ids or None, args.type, args.since, args.limit))
     )
     _print({"requeued": ids, "count": len(ids)})
     return 0
+
+
+# What each control applies to, for the message when it does not (SQL: genworker_control_job).
+_CONTROLS = {
+    "cancel": ("cancelled", "pending, processing or paused"),
+    "pause": ("paused", "pending or processing"),
+    "resume": ("resumed", "paused"),
+}
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """cancel | pause | resume: any user's job, as an operator."""
+    from worker.cli_errors import CommandFailed
+
+    action = args.command
+
+    async def go(store: Store) -> tuple[bool, Job | None]:
+        changed = await store.control_job(args.job, action)
+        return changed, await store.get_job(args.job)
+
+    changed, job = asyncio.run(_with_store(go))
+    status = job.status if job is not None else "gone"
+    if not changed:
+        done, applies_to = _CONTROLS[action]
+        raise CommandFailed(
+            f"job {args.job} is {status}: only {applies_to} jobs can be {done}; nothing changed"
+        )
+    _print({"job_id": args.job, "action": action, "status": status})
+    return 0
+
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def _state_line(ch: dict[str, Any]) -> str:
+    step = ch.get("current_step") or ""
+    parts = [
+        f"chapter {ch['number']} {(ch['title'] or '')[:120]!r}: {ch['status']}",
+        f"{ch['progress']}%",
+        *([step] if step and step != ch["status"] else []),
+        f"{ch['word_count']} words",
+        f"job {ch['job_id']} ({ch['job_status']})" if ch.get("job_id") else "no job yet",
+    ]
+    line = ", ".join(parts)
+    if ch.get("error_message"):
+        line += f"; error: {ch['error_message'][:300]}"
+    return line
+
+
+def _chapter_outcome(ch: dict[str, Any]) -> int:
+    from worker.cli_errors import CommandFailed
+
+    if ch["status"] in ("failed", "cancelled"):
+        reason = f": {ch['error_message'][:300]}" if ch.get("error_message") else ""
+        raise CommandFailed(f"chapter {ch['chapter_id']} {ch['status']}{reason}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """State on stderr, text on stdout: `genworker show --chapter ID > chapter.md` keeps the
+    text alone, and a terminal shows both."""
+    from worker.cli_errors import CommandFailed
+
+    async def go(store: Store) -> int:
+        if args.follow:
+            return await _follow(store, args.chapter, args.interval)
+        ch = await store.read_chapter(args.chapter)
+        if ch is None:
+            raise CommandFailed(f"chapter {args.chapter} not found")
+        if args.json:
+            _print(ch)
+            return 0
+        print(_state_line(ch), file=sys.stderr, flush=True)
+        if ch["content"]:
+            print(ch["content"])
+        return 0
+
+    return asyncio.run(_with_store(go))
+
+
+async def _follow(store: Store, chapter_id: str, interval: float) -> int:
+    """Print the text as it is written, until the chapter reaches a terminal state.
+
+    Each poll asks only for the characters after the ones already printed. A section
+    retried from its start shortens the text; that is announced and printing goes on
+    from the new end.
+    """
+    from worker.cli_errors import CommandFailed
+
+    offset, last_state, ends_with_newline = 0, "", True
+    while True:
+        ch = await store.read_chapter(chapter_id, from_char=offset)
+        if ch is None:
+            raise CommandFailed(f"chapter {chapter_id} not found")
+        if ch["content_length"] < offset:
+            print(
+                f"\n[the text was cut back to {ch['content_length']} characters: a section is "
+                "being written again]",
+                file=sys.stderr,
+                flush=True,
+            )
+            offset = ch["content_length"]
+            continue
+        state = _state_line(ch)
+        if state != last_state:
+            print(("" if ends_with_newline else "\n") + f"[{state}]", file=sys.stderr, flush=True)
+            last_state = state
+            if ch["status"] == "draft" and not ch.get("job_id"):
+                print(
+                    f"[waiting: enqueue it with `genworker enqueue --chapter {chapter_id}`]",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        text = ch["content"] or ""
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            offset += len(text)
+            ends_with_newline = text.endswith("\n")
+        if ch["status"] in TERMINAL:
+            if not ends_with_newline:
+                print()
+            return _chapter_outcome(ch)
+        await asyncio.sleep(interval)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -115,34 +284,141 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from worker.migrate import apply_bootstrap, apply_migrations, pending_migrations
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise UsageError("DATABASE_URL must be a postgresql://user:password@host:5432/postgres URL")
+    from worker.cli_errors import CommandFailed, connection_failed, detail, where
+    from worker.migrate import (
+        MigrationFailed,
+        apply_bootstrap,
+        apply_migrations,
+        is_supabase_like,
+        pending_migrations,
+    )
 
     async def go() -> list[str]:
         import asyncpg
 
-        conn = await asyncpg.connect(dsn, statement_cache_size=0)
         try:
-            if args.bootstrap:
+            conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=15)
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise connection_failed(where(dsn), exc) from exc
+        try:
+            if args.bootstrap and not args.dry_run:
                 await apply_bootstrap(conn)
+            pending = await pending_migrations(conn)
+            if pending and not args.bootstrap and not await is_supabase_like(conn):
+                raise UsageError(
+                    "this database lacks what Supabase provides (the auth schema and the "
+                    "anon/authenticated/service_role roles): on plain PostgreSQL run "
+                    "`genworker migrate --bootstrap`"
+                )
             if args.dry_run:
-                return [m.version for m in await pending_migrations(conn)]
-            return await apply_migrations(conn)
+                return [m.path.name for m in pending]
+            try:
+                files = {m.version: m.path.name for m in pending}
+                return [files[version] for version in await apply_migrations(conn)]
+            except MigrationFailed as exc:
+                raise CommandFailed(
+                    f"migration {exc.migration.path.name} failed and was rolled back "
+                    f"({detail(exc.__cause__ or exc)}); the ones before it are applied"
+                ) from exc
         finally:
             await conn.close()
 
-    versions = asyncio.run(go())
-    _print({"pending" if args.dry_run else "applied": versions})
+    names = asyncio.run(go())
+    _print({"pending" if args.dry_run else "applied": names})
     return 0
 
 
+# -- arguments: checked before anything connects, so a typo costs nothing -------------------
+_ACTIVE_JOB = re.compile(r"active generation job ([0-9a-f-]{36})")
+
+
+class UsageError(Exception):
+    """The command line is wrong: one line, exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line naming the help to read (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def uuid_arg(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a uuid: {_shown(text)} (expected e.g. 00000000-0000-4000-8000-00000000c001)"
+        ) from None
+
+
+def json_object_arg(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        msg = getattr(exc, "msg", "invalid")
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON ({msg} at character {getattr(exc, 'pos', '?')}); quote it for "
+            """the shell, e.g. '{"target_words": 1200}'"""
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object, e.g. '{{\"sections\": 3}}', not {type(value).__name__}"
+        )
+    return value
+
+
+def since_arg(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO date or time: {_shown(text)} (e.g. 2026-11-22 or "
+            "2026-11-22T09:00:00+00:00)"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {_shown(text)}")
+    return value
+
+
+def interval_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.05 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"must be 0.05 to 60 seconds, not {_shown(text)}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="genworker",
         description="A Supabase job-queue worker that streams Gemini "
-        "chapters into Postgres. Configuration comes from the environment (see .env.example).",
+        "chapters into Postgres. Configuration comes from the environment (see .env.example). "
+        "Exit codes: 0 done, 1 failed while running, 2 wrong command line or configuration, "
+        "130 Ctrl-C.",
     )
     p.add_argument("--version", action="version", version=f"genworker {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument(
+        "--debug", action="store_true", help="show the traceback of a failure (for bug reports)"
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     run = sub.add_parser(
         "run",
@@ -159,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start an embedded PostgreSQL, apply the migrations, "
         "seed a demo story and run the real worker on its chapters with "
         "live progress bars. Uses the offline model unless GEMINI_API_KEY "
-        "is set.",
+        "is set. Ctrl-C stops cleanly: chapters are handed back, the database is "
+        "stopped and its folder removed. Exit codes: 0 every chapter completed, "
+        "1 a chapter failed, 130 interrupted by Ctrl-C.",
     )
     demo.add_argument("--short", action="store_true", help="small chapters (for CI)")
     demo.add_argument(
@@ -172,6 +450,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--port", type=int, default=None, help="health port (default HEALTH_CHECK_PORT or 10000)"
     )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="after the chapters, keep the worker and database up and print DATABASE_URL "
+        "so the other commands can be tried against it (until Ctrl-C, which then exits 0)",
+    )
+    demo.add_argument(
+        "--output", default="demo-output", help="folder for the text (default demo-output)"
+    )
     demo.set_defaults(fn=cmd_demo)
 
     enq = sub.add_parser(
@@ -180,11 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Enqueue a chapter_generation job on behalf of the "
         "chapter's owner (--chapter), or a job of any type (--type).",
     )
-    enq.add_argument("--chapter", help="chapter id (uuid)")
+    enq.add_argument("--chapter", type=uuid_arg, help="chapter id (uuid)")
     enq.add_argument("--type", help="job type, e.g. noop")
     enq.add_argument(
         "--options",
-        help="JSON: chapter options or the job payload, e.g. '{\"target_words\": 1200}'",
+        type=json_object_arg,
+        help="JSON object: chapter options or the job payload, e.g. '{\"target_words\": 1200}'",
     )
     enq.add_argument("--idempotency-key", help="same key, same job")
     enq.add_argument("--priority", type=int, default=0, help="higher runs first")
@@ -212,7 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="first create what Supabase provides (roles, auth schema, "
         "publication): for plain PostgreSQL only",
     )
-    mig.add_argument("--dry-run", action="store_true", help="list pending migrations only")
+    mig.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the pending migration files and change nothing (not even --bootstrap)",
+    )
     mig.set_defaults(fn=cmd_migrate)
 
     rq = sub.add_parser(
@@ -221,18 +513,84 @@ def build_parser() -> argparse.ArgumentParser:
         description="Failed jobs go back to pending with their retries reset "
         "and their checkpoint kept, by id or by filter.",
     )
-    rq.add_argument("ids", nargs="*", help="job ids")
+    rq.add_argument("ids", nargs="*", type=uuid_arg, help="job ids")
     rq.add_argument("--type", help="only this job type")
-    rq.add_argument("--since", help="only jobs failed at or after this ISO time")
+    rq.add_argument(
+        "--since",
+        type=since_arg,
+        help="only jobs failed at or after this ISO date/time (UTC unless it names a zone)",
+    )
     rq.add_argument("--all", action="store_true", help="every failed job (up to --limit)")
-    rq.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    rq.add_argument(
+        "--limit", type=positive_int, default=1000, help="at most this many (default 1000)"
+    )
     rq.set_defaults(fn=cmd_requeue)
+
+    for action, what in (
+        ("cancel", "cancel a pending, processing or paused job (its chapter keeps its text)"),
+        ("pause", "pause a pending or processing job (it keeps its checkpoint)"),
+        ("resume", "put a paused job back in the queue (no attempt used)"),
+    ):
+        ctl = sub.add_parser(
+            action,
+            help=what.split(" (")[0],
+            description=f"As an operator, {what}; any user's job. A processing job's "
+            "worker stops at its next heartbeat. Exit 1 when the job is not in a state "
+            "this applies to.",
+        )
+        ctl.add_argument("--job", type=uuid_arg, required=True, help="job id (uuid)")
+        ctl.set_defaults(fn=cmd_control)
+
+    show = sub.add_parser(
+        "show",
+        help="a chapter's state, progress and text (--follow: live)",
+        description="Print a chapter's state and progress (stderr) and its text so far "
+        "(stdout). With --follow, print the text as it is written until the chapter "
+        "completes (exit 0), fails or is cancelled (exit 1).",
+    )
+    show.add_argument("--chapter", type=uuid_arg, required=True, help="chapter id (uuid)")
+    show.add_argument(
+        "--follow", "-f", action="store_true", help="stream the text until a final state"
+    )
+    show.add_argument(
+        "--interval",
+        type=interval_arg,
+        default=0.5,
+        help="seconds between looks with --follow (default 0.5)",
+    )
+    show.add_argument("--json", action="store_true", help="the whole row as JSON (not --follow)")
+    show.set_defaults(fn=cmd_show)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    prog = f"genworker {args.command}"
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except UsageError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: {exc} (see `{prog} --help`)", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from worker.cli_errors import EXIT_RUNTIME, detail, explain
+
+        if args.debug:
+            traceback.print_exc()
+        failure = explain(exc)
+        if failure is None:
+            print(
+                f"{prog}: unexpected error {type(exc).__name__}: {detail(exc)} (run "
+                f"`genworker --debug {args.command} ...` for the traceback and report it)",
+                file=sys.stderr,
+            )
+            return EXIT_RUNTIME
+        print(f"{prog}: {failure}", file=sys.stderr)
+        return failure.code
 
 
 if __name__ == "__main__":

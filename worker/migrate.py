@@ -67,8 +67,30 @@ async def pending_migrations(
     return [m for m in migrations(directory) if m.version not in done]
 
 
+class MigrationFailed(Exception):
+    """One migration raised; its transaction was rolled back (the cause is chained)."""
+
+    def __init__(self, migration: Migration) -> None:
+        super().__init__(f"migration {migration.path.name} failed")
+        self.migration = migration
+
+
+async def is_supabase_like(conn: asyncpg.Connection) -> bool:
+    """Whether what the migrations rely on from the platform exists (the auth schema and the
+    API roles); plain PostgreSQL needs ``apply_bootstrap`` first."""
+    return bool(
+        await conn.fetchval(
+            "select to_regnamespace('auth') is not null and (select count(*) from pg_roles"
+            " where rolname in ('anon', 'authenticated', 'service_role')) = 3"
+        )
+    )
+
+
 async def apply_migrations(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
-    """Apply pending migrations, each in its own transaction; return the versions applied."""
+    """Apply pending migrations, each in its own transaction; return the versions applied.
+
+    Raises ``MigrationFailed`` naming the file that failed (the earlier ones stay applied).
+    """
     await conn.execute(
         "create schema if not exists supabase_migrations;"
         "create table if not exists supabase_migrations.schema_migrations"
@@ -76,15 +98,18 @@ async def apply_migrations(conn: asyncpg.Connection, directory: Path | None = No
     )
     applied = []
     for mig in await pending_migrations(conn, directory):
-        async with conn.transaction():
-            await conn.execute(mig.sql())
-            await conn.execute(
-                "insert into supabase_migrations.schema_migrations (version, name, statements)"
-                " values ($1, $2, array[$3])",
-                mig.version,
-                mig.name,
-                mig.sql(),
-            )
+        try:
+            async with conn.transaction():
+                await conn.execute(mig.sql())
+                await conn.execute(
+                    "insert into supabase_migrations.schema_migrations (version, name, statements)"
+                    " values ($1, $2, array[$3])",
+                    mig.version,
+                    mig.name,
+                    mig.sql(),
+                )
+        except asyncpg.PostgresError as exc:
+            raise MigrationFailed(mig) from exc
         applied.append(mig.version)
     return applied
 

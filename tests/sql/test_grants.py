@@ -42,7 +42,10 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     **{
         ("function", sig, "service_role"): "EXECUTE"
         for sig in (
+            "admin_cancel_job(uuid)",
             "admin_enqueue_chapter(uuid,jsonb,text)",
+            "admin_pause_job(uuid)",
+            "admin_resume_job(uuid)",
             "append_chapter_content(uuid,text,integer,text,integer,text,jsonb)",
             "claim_next_job_v3(text,text[],text[])",
             "complete_job(uuid,text,jsonb)",
@@ -53,6 +56,7 @@ ALLOWED: dict[tuple[str, str, str], str] = {
             "heartbeat_jobs(text,uuid[])",
             "purge_finished_jobs(integer)",
             "queue_stats()",
+            "read_chapter(uuid,integer)",
             "release_job(uuid,text)",
             "release_worker_jobs(text)",
             "requeue_failed_jobs(uuid[],text,timestamp with time zone,integer)",

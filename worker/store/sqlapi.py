@@ -259,6 +259,22 @@ class Store:
             )
         )
 
+    async def control_job(self, job_id: str, action: str) -> bool:
+        """``admin_cancel_job`` / ``admin_pause_job`` / ``admin_resume_job`` (any owner's job).
+
+        False when the job is not in a state the action applies to (e.g. already finished).
+        """
+        if action not in ("cancel", "pause", "resume"):
+            raise ValueError(f"unknown job action {action!r}")
+        return bool(await self.transport.value(f"admin_{action}_job", {"p_job_id": job_id}))
+
+    async def read_chapter(self, chapter_id: str, *, from_char: int = 0) -> dict[str, Any] | None:
+        """``read_chapter``: one chapter's state and its text from character ``from_char``."""
+        rows = await self.transport.rows(
+            "read_chapter", {"p_chapter_id": chapter_id, "p_from": from_char}
+        )
+        return rows[0] if rows else None
+
     async def story_progress(
         self, story_id: str, *, with_content: bool = False
     ) -> list[dict[str, Any]]:
