@@ -351,55 +351,8 @@ begin
   return v_job;
 end $$;
 
--- Owner-only controls: one lookup that answers a missing user exactly as the enqueue
--- does, and another user's job exactly as a job that does not exist.
-create or replace function public.genworker_lock_own_job(p_job_id uuid) returns text
-language plpgsql volatile set search_path = public, pg_temp as $$
-declare
-  v_status text;
-begin
-  select status into v_status from public.job_queue
-   where id = p_job_id and user_id = public.genworker_require_user() for update;
-  if not found then
-    raise exception using errcode = 'PT404', message = format('job %s not found', p_job_id);
-  end if;
-  return v_status;
-end $$;
-
-create or replace function public.cancel_job(p_job_id uuid)
-returns boolean language plpgsql volatile security definer set search_path = public, pg_temp as $$
-begin
-  if public.genworker_lock_own_job(p_job_id) not in ('pending', 'processing', 'paused') then
-    return false;
-  end if;
-  update public.job_queue
-     set status = 'cancelled', completed_at = now(), current_step = 'cancelled'
-   where id = p_job_id;
-  return true;
-end $$;
-
-create or replace function public.pause_job(p_job_id uuid)
-returns boolean language plpgsql volatile security definer set search_path = public, pg_temp as $$
-begin
-  if public.genworker_lock_own_job(p_job_id) not in ('pending', 'processing') then
-    return false;
-  end if;
-  update public.job_queue set status = 'paused', current_step = 'paused' where id = p_job_id;
-  return true;
-end $$;
-
-create or replace function public.resume_job(p_job_id uuid)
-returns boolean language plpgsql volatile security definer set search_path = public, pg_temp as $$
-begin
-  if public.genworker_lock_own_job(p_job_id) <> 'paused' then
-    return false;
-  end if;
-  update public.job_queue
-     set status = 'pending', worker_id = null, heartbeat_at = null, scheduled_at = now(),
-         current_step = 'resumed'
-   where id = p_job_id;
-  return true;
-end $$;
+-- cancel_job, pause_job and resume_job answer a missing user the same way through
+-- genworker_control_job (20261201003000_operator_job_controls.sql).
 
 -- ---------------------------------------------------------------------------
 -- Deleting a chapter (directly, or with its story or user) cancels its active generation
@@ -442,16 +395,13 @@ revoke all on function
   public.genworker_jsonb_depth(jsonb, integer), public.job_queue_check_payload(),
   public.job_queue_check_user_caps(), public.genworker_check_chapter_options(jsonb),
   public.genworker_preferences_ok(jsonb), public.genworker_require_user(),
-  public.genworker_lock_own_job(uuid),
   public.genworker_enqueue_chapter(uuid, uuid, jsonb, text),
   public.enqueue_chapter_generation(uuid, jsonb, text),
   public.admin_enqueue_chapter(uuid, jsonb, text),
   public.enqueue_job(text, jsonb, integer, text, integer, double precision),
-  public.cancel_job(uuid), public.pause_job(uuid), public.resume_job(uuid),
   public.chapters_cancel_generation_on_delete()
   from public, anon, authenticated, service_role;
-grant execute on function public.enqueue_chapter_generation(uuid, jsonb, text),
-  public.cancel_job(uuid), public.pause_job(uuid), public.resume_job(uuid) to authenticated;
+grant execute on function public.enqueue_chapter_generation(uuid, jsonb, text) to authenticated;
 grant execute on function public.admin_enqueue_chapter(uuid, jsonb, text),
   public.enqueue_job(text, jsonb, integer, text, integer, double precision) to service_role;
 -- The stories check constraint runs as the writing user.
