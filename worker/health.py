@@ -23,6 +23,7 @@ from worker.runner import Runner
 from worker.store.base import StoreError
 
 LOOP_LAG_LIMIT_S = 5.0
+QUEUE_GAUGES_EVERY_S = 10.0  # at most one queue_stats() per this many seconds of scrapes
 WATCHDOG_LIMIT_S = 120.0
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,19 @@ def build_app(runner: Runner, monitor: LoopMonitor) -> web.Application:
             {"worker_id": runner.config.worker_id, "queue": queue, "in_flight": jobs}, dumps=_dumps
         )
 
+    refreshed = {"at": -QUEUE_GAUGES_EVERY_S}
+
     async def metrics(_req: web.Request) -> web.Response:
+        # Queue-wide gauges (backlog, oldest pending age) for alerting, refreshed at scrape
+        # time; a failed refresh keeps the last values and shows in the store error count.
+        if time.monotonic() - refreshed["at"] >= QUEUE_GAUGES_EVERY_S:
+            refreshed["at"] = time.monotonic()
+            try:
+                async with asyncio.timeout(5):
+                    runner.metrics.set_queue(await runner.store.queue_stats())
+            except (StoreError, TimeoutError) as exc:
+                runner.metrics.store_errors.labels("queue_stats").inc()
+                log.debug("queue gauges not refreshed: %s", exc)
         resp = web.Response(body=runner.metrics.render())
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
