@@ -58,11 +58,13 @@ async def test_job_detail(store: SqlFunctionStore, conn) -> None:
 
 async def test_operator_actions(store: SqlFunctionStore, conn) -> None:
     job = await insert_job(conn)
-    assert await store.pause_job_as_operator(job) is True
-    assert await store.resume_job_as_operator(job) is True
-    assert await store.resume_job_as_operator(job) is False
-    assert await store.cancel_job_as_operator(job) is True
-    assert await store.cancel_job_as_operator(job) is False
+    assert await store.control_job(job, "pause") is True
+    assert await store.control_job(job, "resume") is True
+    assert await store.control_job(job, "resume") is False
+    assert await store.control_job(job, "cancel") is True
+    assert await store.control_job(job, "cancel") is False
     assert await conn.fetchval("select status from job_queue where id = $1", job) == "cancelled"
     with pytest.raises(NotFoundError):
-        await store.cancel_job_as_operator(str(uuid.uuid4()))
+        await store.control_job(str(uuid.uuid4()), "cancel")
+    with pytest.raises(ValueError):
+        await store.control_job(job, "delete")

@@ -1,9 +1,10 @@
 """The dashboard's pages, its live JSON and its four confirmed actions.
 
 Every read is one store call (one SQL function in supabase/migrations); every action is
-one existing function (``admin_cancel_job``, ``admin_pause_job``, ``admin_resume_job``,
-``requeue_failed_jobs``). A GET never changes anything: an action link opens a
-confirmation page whose form POSTs with the session's CSRF token and ``confirm=yes``.
+one function: ``admin_cancel_job``, ``admin_pause_job`` or ``admin_resume_job`` through
+``Store.control_job``, or ``requeue_failed_jobs``. A GET never changes anything: an
+action link opens a confirmation page whose form POSTs with the session's CSRF token and
+``confirm=yes``.
 """
 
 from __future__ import annotations
@@ -322,7 +323,7 @@ async def act(request: web.Request) -> web.StreamResponse:
         if name == "retry":
             done = job_id in await store.requeue_failed([job_id])
         else:
-            done = await getattr(store, f"{name}_job_as_operator")(job_id)
+            done = await store.control_job(job_id, name)
     except NotFoundError:
         return error_page(request, 404, "No such job", f"There is no job {job_id}.")
     if not done:

@@ -324,15 +324,3 @@ class Store:
     async def dashboard_live(self) -> dict[str, Any]:
         """Jobs in flight with their chapter's progress (polled by the live view)."""
         return dict(await self._value("dashboard_live", {}) or {})
-
-    async def cancel_job_as_operator(self, job_id: str) -> bool:
-        """``admin_cancel_job``: False when the job had already finished."""
-        return bool(await self._value("admin_cancel_job", {"p_job_id": job_id}))
-
-    async def pause_job_as_operator(self, job_id: str) -> bool:
-        """``admin_pause_job``: False unless the job was pending or processing."""
-        return bool(await self._value("admin_pause_job", {"p_job_id": job_id}))
-
-    async def resume_job_as_operator(self, job_id: str) -> bool:
-        """``admin_resume_job``: False unless the job was paused."""
-        return bool(await self._value("admin_resume_job", {"p_job_id": job_id}))
