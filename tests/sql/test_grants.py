@@ -65,6 +65,15 @@ ALLOWED: dict[tuple[str, str, str], str] = {
             "start_chapter_generation(uuid,text,integer)",
             "story_progress(uuid,boolean)",
             "update_job_heartbeat(uuid,text)",
+            # genworker dashboard (20261201005000_dashboard.sql).
+            "admin_cancel_job(uuid)",
+            "admin_pause_job(uuid)",
+            "admin_resume_job(uuid)",
+            "dashboard_job(uuid)",
+            "dashboard_jobs(text,text,uuid,timestamp with time zone,timestamp with time zone,"
+            "integer,integer)",
+            "dashboard_live()",
+            "dashboard_overview(integer)",
         )
     },
     ("table", "chapters", "service_role"): ALL_TABLE,
