@@ -23,6 +23,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -32,9 +33,6 @@ COOKIE = "genworker_dashboard"
 SESSION_TTL_S = 12 * 3600
 LOGIN_FAILURE_DELAY_S = 0.5
 
-SESSION = web.RequestKey("session", "Session | None")
-CSRF = web.RequestKey("csrf", str)
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
@@ -43,6 +41,11 @@ Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 class Session:
     sid: str
     issued: int
+
+
+# Per request: the session (None for a Bearer-token read) and its CSRF token.
+SESSION: web.RequestKey[Session | None] = web.RequestKey("session", Session)
+CSRF = web.RequestKey("csrf", str)
 
 
 def _b64(data: bytes) -> str:
@@ -110,7 +113,7 @@ class Guard:
             secure=request.secure,
         )
 
-    async def login(self, request: web.Request, given: str | None) -> str | None:
+    async def login(self, given: str | None) -> str | None:
         """The new signed cookie value when ``given`` is the token, else None (after a pause
         that makes guessing slow)."""
         if self.token_ok(given):
@@ -178,8 +181,6 @@ def guard_middleware(guard: Guard) -> Middleware:
 
 def _safe_next(path: str) -> str:
     """Only a local path survives the login redirect (no //evil.example)."""
-    from urllib.parse import quote
-
     if not path.startswith("/") or path.startswith("//") or "\\" in path:
         return "/"
     return quote(path[:500], safe="/?=&")

@@ -358,7 +358,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     given = form.get("token")
     target = local_path(str(form.get("next") or "/"))
-    cookie = await guard.login(request, given if isinstance(given, str) else None)
+    cookie = await guard.login(given if isinstance(given, str) else None)
     if cookie is None:
         log.warning("dashboard: failed login from %s", request.remote)
         return render(request, "login.html", status=401, next=target, failed=True)
