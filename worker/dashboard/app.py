@@ -11,7 +11,6 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -19,13 +18,14 @@ from aiohttp import web
 from worker.config import Settings
 from worker.dashboard.security import Guard, guard_middleware, headers_middleware
 from worker.dashboard.views import GUARD, INFO, STORE, TEMPLATES, add_routes, make_templates
+from worker.store.sqlapi import SqlFunctionStore
 
 log = logging.getLogger("worker.dashboard")
 STATIC = Path(__file__).with_name("static")
 
 
 def build_app(
-    store: Any,
+    store: SqlFunctionStore,
     *,
     token: str | None,
     info: dict[str, str] | None = None,
@@ -55,7 +55,7 @@ def describe(settings: Settings) -> dict[str, str]:
     return {"app_env": settings.app_env, "store": settings.store_kind, "database": where}
 
 
-async def open_dashboard_store(settings: Settings) -> Any:
+async def open_dashboard_store(settings: Settings) -> SqlFunctionStore:
     """A small store of the configured kind: a few connections and no LISTEN."""
     if settings.store_kind == "postgres":
         from worker.store.postgres import PostgresStore

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from worker.config import is_loopback
 
@@ -34,7 +35,6 @@ SESSION_TTL_S = 12 * 3600
 LOGIN_FAILURE_DELAY_S = 0.5
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,14 @@ from worker.dashboard.filters import STATUSES, BadFilter, parse_filter, parse_jo
 from worker.dashboard.security import COOKIE, CSRF, SESSION, Guard, local_path
 from worker.logs import redact
 from worker.store.base import NotFoundError, StoreError
+from worker.store.sqlapi import SqlFunctionStore
 
 log = logging.getLogger("worker.dashboard")
 
-STORE = web.AppKey("store", Any)
+STORE = web.AppKey("store", SqlFunctionStore)
 GUARD = web.AppKey("guard", Guard)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
-INFO = web.AppKey("info", dict)
+INFO = web.AppKey("info", dict[str, str])
 
 LIVE_POLL_MS = 1500
 
