@@ -72,14 +72,17 @@ def dashboard_process(dsn: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
 
 
 @contextmanager
-def chromium() -> Iterator[Any]:
+def chromium(home: Path) -> Iterator[Any]:
+    """Chromium with its profile, crash reports and temporary files all under ``home``."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in FLAGS:
+    for flag in (*FLAGS, f"--user-data-dir={home / 'profile'}"):
         options.add_argument(flag)
+    env = {**os.environ, "HOME": str(home), "TMPDIR": str(home)}
     driver = webdriver.Chrome(
-        options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER))
+        options=options,
+        service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER), env=env),
     )
     driver.set_page_load_timeout(60)
     try:
@@ -195,7 +198,7 @@ async def seed_an_hour_of_history(conn: asyncpg.Connection) -> None:
 
 
 async def test_overview_follows_the_worker_live_and_cancels_a_chapter(
-    db_dsn: str, conn: asyncpg.Connection
+    db_dsn: str, conn: asyncpg.Connection, tmp_path: Path
 ) -> None:
     long = {"target_words": 8000, "sections": 6}
     jobs = [(await chapter_job(conn, options=long))[2] for _ in range(3)]
@@ -204,7 +207,7 @@ async def test_overview_follows_the_worker_live_and_cancels_a_chapter(
     env = worker_env(db_dsn, FLUSH_INTERVAL_MS="300", WORKER_CONCURRENCY="3")
     with dashboard_process(db_dsn, port) as dash, worker_process(env) as worker:
         await wait_http(base + "/")
-        with chromium() as driver:
+        with chromium(tmp_path) as driver:
             seen = await asyncio.to_thread(watch_overview, driver, base, jobs[0])
             assert seen["later"] > seen["first"] > 0, seen
             assert seen["bar_value"] == seen["later"]
