@@ -147,3 +147,15 @@ async def test_actions_on_unknown_or_malformed_jobs(
     resp = await client.post(f"/jobs/{job}/delete", data={"csrf": token, "confirm": "yes"})
     assert resp.status == 404
     assert await status_of(conn, job) == "pending"
+
+
+async def test_an_oversized_post_is_refused_whole(
+    client: TestClient, conn: asyncpg.Connection
+) -> None:
+    [job] = await insert_jobs(conn, 1)
+    token = csrf_of(await (await client.get(f"/jobs/{job}/cancel")).text())
+    resp = await client.post(
+        f"/jobs/{job}/cancel", data={"csrf": token, "confirm": "yes", "pad": "x" * 200_000}
+    )
+    assert resp.status == 413
+    assert await status_of(conn, job) == "pending"

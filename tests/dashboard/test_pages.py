@@ -155,6 +155,11 @@ async def test_jobs_page_paginates(client: TestClient, conn: asyncpg.Connection)
         ("per_page=100000", "per_page: expected a whole number from 1 to 200"),
         ("type=" + "x" * 101, "type: expected a job type"),
         ("type=%3Cscript%3E", "type: expected a job type"),
+        ("type=%00", "type: expected a job type"),
+        ("type=caf%C3%A9", "type: expected a job type"),
+        ("user=%F0%9F%98%80", "user: expected a user id"),
+        ("from=%00", "from: expected a date"),
+        ("page=%D9%A3", "page: expected a whole number"),  # an Arabic-Indic digit 3
         ("stauts=failed", "unknown filter 'stauts'"),
         ("status=failed&status=pending", "each filter may be given once"),
     ],

@@ -74,7 +74,8 @@ def _when(name: str, text: str, *, end: bool) -> datetime:
 
 
 def _int(name: str, text: str, low: int, high: int) -> int:
-    if not text.isdigit() or not low <= int(text) <= high:
+    # ASCII digits only: str.isdigit() (and int()) also accept "٣" and other scripts' digits.
+    if not re.fullmatch(r"[0-9]{1,9}", text) or not low <= int(text) <= high:
         raise BadFilter(f"{name}: expected a whole number from {low} to {high}, got {text[:20]!r}")
     return int(text)
 
