@@ -1,4 +1,4 @@
-"""Dashboard fixtures: the real app over a real PostgresStore, driven by aiohttp's test client."""
+"""Dashboard fixtures: the real app over a real Store (asyncpg), driven by aiohttp's test client."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from worker.dashboard.app import build_app
-from worker.store.postgres import PostgresStore
+from worker.store import Store
+from worker.store.postgres import PostgresTransport
 
 TOKEN = "dashboard-test-token-0123456789"
 
@@ -20,7 +21,7 @@ TOKEN = "dashboard-test-token-0123456789"
 async def dashboard_client(
     dsn: str, *, token: str | None = None, **kwargs: Any
 ) -> AsyncIterator[TestClient]:
-    store = await PostgresStore(dsn, pool_size=3, listen=False).open()
+    store = await Store(PostgresTransport(dsn, pool_size=3, listen=False)).open()
     app = build_app(store, token=token, login_failure_delay_s=0, **kwargs)
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()

@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.store._helpers import chapter_job, insert_job
+from worker.store import Store
 from worker.store.base import InvalidInputError, NotFoundError
-from worker.store.sqlapi import SqlFunctionStore
 
 
-async def test_overview_and_live(store: SqlFunctionStore, conn) -> None:
+async def test_overview_and_live(store: Store, conn) -> None:
     cj = await chapter_job(conn)
     await insert_job(conn, lane="bulk")
     assert (await store.claim("w-1", ["chapter_generation"], None)).job_id == cj.job
@@ -30,7 +30,7 @@ async def test_overview_and_live(store: SqlFunctionStore, conn) -> None:
     assert row["current_step"] == "section 1/3" and row["text_bytes"] == len("It began.")
 
 
-async def test_jobs_page_filters(store: SqlFunctionStore, conn) -> None:
+async def test_jobs_page_filters(store: Store, conn) -> None:
     cj = await chapter_job(conn)
     other = await insert_job(conn)
     page = await store.dashboard_jobs(limit=1)
@@ -47,7 +47,7 @@ async def test_jobs_page_filters(store: SqlFunctionStore, conn) -> None:
         await store.dashboard_jobs(status="nonsense")
 
 
-async def test_job_detail(store: SqlFunctionStore, conn) -> None:
+async def test_job_detail(store: Store, conn) -> None:
     cj = await chapter_job(conn)
     detail = await store.dashboard_job(cj.job)
     assert detail is not None
@@ -56,7 +56,7 @@ async def test_job_detail(store: SqlFunctionStore, conn) -> None:
     assert await store.dashboard_job(str(uuid.uuid4())) is None
 
 
-async def test_operator_actions(store: SqlFunctionStore, conn) -> None:
+async def test_operator_actions(store: Store, conn) -> None:
     job = await insert_job(conn)
     assert await store.control_job(job, "pause") is True
     assert await store.control_job(job, "resume") is True

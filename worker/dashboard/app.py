@@ -18,14 +18,14 @@ from aiohttp import web
 from worker.config import Settings
 from worker.dashboard.security import Guard, guard_middleware, headers_middleware
 from worker.dashboard.views import GUARD, INFO, STORE, TEMPLATES, add_routes, make_templates
-from worker.store.sqlapi import SqlFunctionStore
+from worker.store import Store
 
 log = logging.getLogger("worker.dashboard")
 STATIC = Path(__file__).with_name("static")
 
 
 def build_app(
-    store: SqlFunctionStore,
+    store: Store,
     *,
     token: str | None,
     info: dict[str, str] | None = None,
@@ -55,18 +55,20 @@ def describe(settings: Settings) -> dict[str, str]:
     return {"app_env": settings.app_env, "store": settings.store_kind, "database": where}
 
 
-async def open_dashboard_store(settings: Settings) -> SqlFunctionStore:
+async def open_dashboard_store(settings: Settings) -> Store:
     """A small store of the configured kind: a few connections and no LISTEN."""
     if settings.store_kind == "postgres":
-        from worker.store.postgres import PostgresStore
+        from worker.store.postgres import PostgresTransport
 
         assert settings.database_url
-        return await PostgresStore(settings.database_url, pool_size=4, listen=False).open()
-    from worker.store.supabase import SupabaseStore
+        return await Store(
+            PostgresTransport(settings.database_url, pool_size=4, listen=False)
+        ).open()
+    from worker.store.supabase import SupabaseTransport
 
     assert settings.supabase_url and settings.supabase_service_role_key
-    return await SupabaseStore(
-        settings.supabase_url, settings.supabase_service_role_key, concurrency=4
+    return await Store(
+        SupabaseTransport(settings.supabase_url, settings.supabase_service_role_key, concurrency=4)
     ).open()
 
 

@@ -21,12 +21,12 @@ from aiohttp import web
 from worker.dashboard.filters import STATUSES, BadFilter, parse_filter, parse_job_id
 from worker.dashboard.security import COOKIE, CSRF, SESSION, Guard, local_path
 from worker.logs import redact
+from worker.store import Store
 from worker.store.base import NotFoundError, StoreError
-from worker.store.sqlapi import SqlFunctionStore
 
 log = logging.getLogger("worker.dashboard")
 
-STORE = web.AppKey("store", SqlFunctionStore)
+STORE = web.AppKey("store", Store)
 GUARD = web.AppKey("guard", Guard)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
 INFO = web.AppKey("info", dict[str, str])

@@ -286,7 +286,8 @@ class Store:
     async def dashboard_overview(self, recent_minutes: int = 15) -> dict[str, Any]:
         """queue_stats plus lanes, the last hour per minute and the workers seen recently."""
         return dict(
-            await self._value("dashboard_overview", {"p_recent_minutes": recent_minutes}) or {}
+            await self.transport.value("dashboard_overview", {"p_recent_minutes": recent_minutes})
+            or {}
         )
 
     async def dashboard_jobs(
@@ -302,7 +303,7 @@ class Store:
     ) -> dict[str, Any]:
         """One page of jobs, newest first: ``{"jobs": [...], "has_more": bool}``."""
         return dict(
-            await self._value(
+            await self.transport.value(
                 "dashboard_jobs",
                 {
                     "p_status": status,
@@ -319,8 +320,11 @@ class Store:
 
     async def dashboard_job(self, job_id: str) -> dict[str, Any] | None:
         """A job with its events and chapter, or None when there is no such job."""
-        return await self._value("dashboard_job", {"p_job_id": job_id})
+        detail: dict[str, Any] | None = await self.transport.value(
+            "dashboard_job", {"p_job_id": job_id}
+        )
+        return detail
 
     async def dashboard_live(self) -> dict[str, Any]:
         """Jobs in flight with their chapter's progress (polled by the live view)."""
-        return dict(await self._value("dashboard_live", {}) or {})
+        return dict(await self.transport.value("dashboard_live", {}) or {})
