@@ -1,4 +1,8 @@
-"""deploy/: the Prometheus alert rules (promtool) and the Grafana board name real metrics."""
+"""deploy/: the Prometheus alert rules (promtool) and the Grafana board name real metrics.
+
+Why the rules add ``or vector(0)`` and why metric names come from the registry rather
+than a scrape: docs/dashboard.md §3.
+"""
 
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ The dashboard can cancel anyone's job, so every request passes one middleware:
   another site cannot reach the dashboard through DNS rebinding.
 - Every POST carries a CSRF token bound to the session (HMAC of its id), checked in
   constant time; a missing or wrong one is a 403 and nothing changes.
+
+The browser behaviour this relies on (SameSite, HttpOnly, DNS rebinding, CSP) is in
+docs/dashboard.md §1.
 """
 
 from __future__ import annotations

@@ -319,7 +319,10 @@ class Store:
         )
 
     async def dashboard_job(self, job_id: str) -> dict[str, Any] | None:
-        """A job with its events and chapter, or None when there is no such job."""
+        """A job with its events and chapter, or None when there is no such job.
+
+        Payloads and errors arrive as text, whatever their depth (docs/dashboard.md §2).
+        """
         detail: dict[str, Any] | None = await self.transport.value(
             "dashboard_job", {"p_job_id": job_id}
         )
