@@ -1,4 +1,6 @@
--- genworker dashboard: what `genworker dashboard` reads and the operator actions it takes.
+-- genworker dashboard: what `genworker dashboard` reads. Its actions call existing
+-- functions: admin_cancel_job / admin_pause_job / admin_resume_job (20261201003000) and
+-- requeue_failed_jobs.
 -- Operators only (service_role): every function here is revoked from public, anon and
 -- authenticated at the end of this file. Payloads, errors and event details come back
 -- as (truncated) pretty-printed text, never as nested JSON: a user's payload may be nested
@@ -178,78 +180,16 @@ returns jsonb language sql stable set search_path = public, pg_temp as $$
            limit 200) l
 $$;
 
--- Operator actions: cancel_job / pause_job / resume_job (app API) without the owner check.
--- PT404 for an unknown job; false when the job is not in a state the action applies to.
-create or replace function public.admin_cancel_job(p_job_id uuid)
-returns boolean language plpgsql volatile set search_path = public, pg_temp as $$
-declare
-  v_status text;
-begin
-  select status into v_status from public.job_queue where id = p_job_id for update;
-  if not found then
-    raise exception using errcode = 'PT404', message = format('job %s not found', p_job_id);
-  end if;
-  if v_status not in ('pending', 'processing', 'paused') then
-    return false;
-  end if;
-  update public.job_queue
-     set status = 'cancelled', completed_at = now(), current_step = 'cancelled by an operator'
-   where id = p_job_id;
-  return true;
-end $$;
-
-create or replace function public.admin_pause_job(p_job_id uuid)
-returns boolean language plpgsql volatile set search_path = public, pg_temp as $$
-declare
-  v_status text;
-begin
-  select status into v_status from public.job_queue where id = p_job_id for update;
-  if not found then
-    raise exception using errcode = 'PT404', message = format('job %s not found', p_job_id);
-  end if;
-  if v_status not in ('pending', 'processing') then
-    return false;
-  end if;
-  update public.job_queue set status = 'paused', current_step = 'paused by an operator'
-   where id = p_job_id;
-  return true;
-end $$;
-
-create or replace function public.admin_resume_job(p_job_id uuid)
-returns boolean language plpgsql volatile set search_path = public, pg_temp as $$
-declare
-  v_status text;
-begin
-  select status into v_status from public.job_queue where id = p_job_id for update;
-  if not found then
-    raise exception using errcode = 'PT404', message = format('job %s not found', p_job_id);
-  end if;
-  if v_status <> 'paused' then
-    return false;
-  end if;
-  update public.job_queue
-     set status = 'pending', worker_id = null, heartbeat_at = null, scheduled_at = now(),
-         current_step = 'resumed by an operator'
-   where id = p_job_id;
-  return true;
-end $$;
-
 -- Operators only.
 revoke all on function public.dashboard_overview(integer) from public, anon, authenticated;
 revoke all on function public.dashboard_jobs(text, text, uuid, timestamptz, timestamptz, integer, integer)
   from public, anon, authenticated;
 revoke all on function public.dashboard_job(uuid) from public, anon, authenticated;
 revoke all on function public.dashboard_live() from public, anon, authenticated;
-revoke all on function public.admin_cancel_job(uuid) from public, anon, authenticated;
-revoke all on function public.admin_pause_job(uuid) from public, anon, authenticated;
-revoke all on function public.admin_resume_job(uuid) from public, anon, authenticated;
 grant execute on function public.dashboard_overview(integer) to service_role;
 grant execute on function public.dashboard_jobs(text, text, uuid, timestamptz, timestamptz, integer, integer)
   to service_role;
 grant execute on function public.dashboard_job(uuid) to service_role;
 grant execute on function public.dashboard_live() to service_role;
-grant execute on function public.admin_cancel_job(uuid) to service_role;
-grant execute on function public.admin_pause_job(uuid) to service_role;
-grant execute on function public.admin_resume_job(uuid) to service_role;
 
 notify pgrst, 'reload schema';

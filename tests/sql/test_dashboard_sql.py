@@ -1,4 +1,7 @@
-"""The dashboard's SQL functions (20261201005000_dashboard.sql) on real PostgreSQL."""
+"""The dashboard's SQL functions (20261201005000_dashboard.sql) on real PostgreSQL.
+
+Its actions use admin_*_job (tested in test_operator_controls.py) and requeue_failed_jobs.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +18,6 @@ DASHBOARD_FUNCTIONS = (
     "dashboard_jobs(text, text, uuid, timestamptz, timestamptz, integer, integer)",
     "dashboard_job(uuid)",
     "dashboard_live()",
-    "admin_cancel_job(uuid)",
-    "admin_pause_job(uuid)",
-    "admin_resume_job(uuid)",
 )
 
 
@@ -45,7 +45,7 @@ async def test_app_users_cannot_call_them(conn: asyncpg.Connection) -> None:
     _, _, job = await chapter_job(conn)
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         async with as_role(conn, "authenticated", str(uuid.uuid4())):
-            await conn.fetchval("select admin_cancel_job($1)", job)
+            await conn.fetchval("select dashboard_job($1)", job)
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         async with as_role(conn, "anon"):
             await conn.fetchval("select dashboard_overview()")
@@ -163,38 +163,3 @@ async def test_live_lists_processing_jobs_with_chapter_progress(conn: asyncpg.Co
     assert row["job_id"] == job and row["chapter_id"] == chapter and row["worker_id"] == "w"
     assert row["progress"] == 55 and row["current_step"] == "section 2/4"
     assert row["text_bytes"] == len("Héllo".encode()) and row["stale"] is False
-
-
-async def test_admin_actions(conn: asyncpg.Connection) -> None:
-    _, chapter, job = await chapter_job(conn)
-    assert await conn.fetchval("select admin_pause_job($1)", job) is True
-    assert await conn.fetchval("select status from chapters where id = $1", chapter) == "paused"
-    assert await conn.fetchval("select admin_pause_job($1)", job) is False
-    assert await conn.fetchval("select admin_resume_job($1)", job) is True
-    assert await conn.fetchval("select status from job_queue where id = $1", job) == "pending"
-    assert await conn.fetchval("select admin_resume_job($1)", job) is False
-    assert await conn.fetchval("select admin_cancel_job($1)", job) is True
-    assert await conn.fetchval("select status from chapters where id = $1", chapter) == "cancelled"
-    assert await conn.fetchval("select admin_cancel_job($1)", job) is False
-    events = await conn.fetch(
-        "select from_status, to_status from job_events where job_id = $1 order by id", job
-    )
-    assert [(e[0], e[1]) for e in events][1:] == [
-        ("pending", "paused"),
-        ("paused", "pending"),
-        ("pending", "cancelled"),
-    ]
-    for fn in ("admin_cancel_job", "admin_pause_job", "admin_resume_job"):
-        with pytest.raises(asyncpg.PostgresError) as info:
-            await conn.fetchval(f"select {fn}($1)", str(uuid.uuid4()))
-        assert info.value.sqlstate == "PT404"
-
-
-async def test_admin_cancel_stops_a_processing_job_at_its_heartbeat(
-    conn: asyncpg.Connection,
-) -> None:
-    [job] = await insert_jobs(conn, 1)
-    await claim(conn, "w")
-    assert await conn.fetchval("select admin_cancel_job($1)", job) is True
-    assert await conn.fetchval("select update_job_heartbeat($1, 'w')", job) is False
-    assert await conn.fetchval("select complete_job($1, 'w', '{}')", job) is False

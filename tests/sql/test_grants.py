@@ -66,9 +66,6 @@ ALLOWED: dict[tuple[str, str, str], str] = {
             "story_progress(uuid,boolean)",
             "update_job_heartbeat(uuid,text)",
             # genworker dashboard (20261201005000_dashboard.sql).
-            "admin_cancel_job(uuid)",
-            "admin_pause_job(uuid)",
-            "admin_resume_job(uuid)",
             "dashboard_job(uuid)",
             "dashboard_jobs(text,text,uuid,timestamp with time zone,timestamp with time zone,"
             "integer,integer)",

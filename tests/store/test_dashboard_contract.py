@@ -9,7 +9,7 @@ import pytest
 
 from tests.store._helpers import chapter_job, insert_job
 from worker.store import Store
-from worker.store.base import InvalidInputError, NotFoundError
+from worker.store.base import InvalidInputError
 
 
 async def test_overview_and_live(store: Store, conn) -> None:
@@ -54,17 +54,3 @@ async def test_job_detail(store: Store, conn) -> None:
     assert detail["job"]["id"] == cj.job and detail["chapter"]["id"] == cj.chapter
     assert [e["to_status"] for e in detail["events"]] == ["pending"]
     assert await store.dashboard_job(str(uuid.uuid4())) is None
-
-
-async def test_operator_actions(store: Store, conn) -> None:
-    job = await insert_job(conn)
-    assert await store.control_job(job, "pause") is True
-    assert await store.control_job(job, "resume") is True
-    assert await store.control_job(job, "resume") is False
-    assert await store.control_job(job, "cancel") is True
-    assert await store.control_job(job, "cancel") is False
-    assert await conn.fetchval("select status from job_queue where id = $1", job) == "cancelled"
-    with pytest.raises(NotFoundError):
-        await store.control_job(str(uuid.uuid4()), "cancel")
-    with pytest.raises(ValueError):
-        await store.control_job(job, "delete")
