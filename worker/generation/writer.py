@@ -70,6 +70,8 @@ class ChapterWriter:
             self._buffered += len(text)
         self.progress = max(self.progress, progress)
         self.step = step
+        if self._timer_writing:
+            return  # the timer is writing right now; this text goes with the next write
         if (
             self._buffered >= self.flush_chars
             or self.clock() - self._last_flush >= self.flush_interval_s
