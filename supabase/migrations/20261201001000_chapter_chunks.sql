@@ -389,21 +389,35 @@ grant execute on function public.get_chapter_text(uuid) to service_role;
 -- 'chapter:<id>' only if they own the chapter. Realtime evaluates this at channel join,
 -- as the user, with realtime.topic() set to the channel's topic. No INSERT policy:
 -- users cannot send on these topics; only the database does.
--- Skipped where Realtime is not installed (plain PostgreSQL).
+-- Skipped where Realtime is not installed (plain PostgreSQL). realtime.messages belongs to
+-- Realtime's own role; where the migrating role may not add policies to it (some
+-- `supabase db push` setups refuse with 42501 what the SQL editor allows), the migration
+-- goes on with a WARNING that names the statement to run in the SQL editor: until then
+-- nobody can join chapter topics (private channels fail closed), and nothing else changes.
 do $$
+declare
+  v_policy constant text := $policy$
+    create policy genworker_chapter_topic_owner_read on realtime.messages
+      for select to authenticated
+      using (
+        realtime.messages.extension = 'broadcast'
+        and exists (select 1 from public.chapters c
+                     where c.owner_id = (select auth.uid())
+                       and 'chapter:' || c.id::text = (select realtime.topic())))
+  $policy$;
 begin
-  if to_regclass('realtime.messages') is not null then
-    execute 'drop policy if exists genworker_chapter_topic_owner_read on realtime.messages';
-    execute $policy$
-      create policy genworker_chapter_topic_owner_read on realtime.messages
-        for select to authenticated
-        using (
-          realtime.messages.extension = 'broadcast'
-          and exists (select 1 from public.chapters c
-                       where c.owner_id = (select auth.uid())
-                         and 'chapter:' || c.id::text = (select realtime.topic())))
-    $policy$;
+  if to_regnamespace('realtime') is null or to_regclass('realtime.messages') is null then
+    return;
   end if;
+  begin
+    execute 'drop policy if exists genworker_chapter_topic_owner_read on realtime.messages';
+    execute v_policy;
+  exception when insufficient_privilege then
+    raise warning using
+      message = 'genworker: could not add the Realtime Authorization policy on realtime.messages ('
+                || sqlerrm || '); readers cannot join chapter:<id> topics until it exists',
+      hint = 'run this in the SQL editor: ' || btrim(regexp_replace(v_policy, '\s+', ' ', 'g'));
+  end;
 end $$;
 
 notify pgrst, 'reload schema';

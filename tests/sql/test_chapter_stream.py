@@ -266,3 +266,44 @@ async def test_migrations_apply_and_stream_without_realtime(pg_server: PgTestSer
             await conn.execute("drop database if exists genworker_norealtime with (force)")
         finally:
             await conn.close()
+
+
+async def test_a_role_that_may_not_add_the_realtime_policy_still_migrates(pg_server) -> None:
+    """realtime.messages is Realtime's table: where the migrating role may not add a policy
+    to it, the migration warns with the statement to run instead of failing the deploy."""
+    owner = "genworker_rt_owner"
+    admin = await asyncpg.connect(pg_server.admin_dsn)
+    try:
+        await admin.execute(
+            f"do $$ begin if not exists (select 1 from pg_roles where rolname = '{owner}') then"
+            f" create role {owner} login nosuperuser; end if; end $$"
+        )
+    finally:
+        await admin.close()
+    dsn = await pg_server.create_empty_database(owner=owner)
+    try:
+        platform = await asyncpg.connect(dsn)
+        try:
+            await platform.execute(f"set genworker.migration_owner = '{owner}'")
+            await apply_bootstrap(platform)
+        finally:
+            await platform.close()
+        db = await asyncpg.connect(dsn, user=owner)
+        notes: list[asyncpg.PostgresLogMessage] = []
+        db.add_log_listener(lambda _c, msg: notes.append(msg))
+        try:
+            await apply_migrations(db)
+        finally:
+            await db.close()
+        warned = [n for n in notes if "Realtime Authorization policy" in str(n)]
+        assert len(warned) == 1
+        assert "create policy genworker_chapter_topic_owner_read" in (warned[0].hint or "")
+        platform = await asyncpg.connect(dsn)
+        try:  # fails closed: no policy, so no user can read a chapter topic
+            assert not await platform.fetchval(
+                "select exists (select 1 from pg_policies where schemaname = 'realtime')"
+            )
+        finally:
+            await platform.close()
+    finally:
+        await pg_server.drop_database(dsn)
