@@ -181,6 +181,9 @@ class ChapterWriter:
     async def _write_later(self, delay: float) -> None:
         try:
             await asyncio.sleep(max(delay, 0.0))
+            left = self.flush_interval_s - (self.clock() - self._last_flush)
+            if left > 0:  # the event loop may wake a timer a hair early
+                await asyncio.sleep(left + 0.001)
             self._timer_writing = True
             async with self._lock:
                 await self._write()
