@@ -345,6 +345,21 @@ language sql stable set search_path = public, pg_temp as $$
    where c.id = p_chapter_id
 $$;
 
+-- Operators and the demo's progress bars: the streamed length (and text) while a
+-- chapter is being written, not the row's snapshot.
+create or replace function public.story_progress(p_story_id uuid, p_with_content boolean default false)
+returns table (chapter_id uuid, number integer, title text, status text, progress integer,
+               current_step text, word_count integer, content_length integer,
+               error_message text, job_id uuid, content text)
+language sql stable set search_path = public, pg_temp as $$
+  select c.id, c.number, c.title, c.status, c.progress, c.current_step, c.word_count,
+         case when exists (select 1 from public.chapter_chunks k where k.chapter_id = c.id)
+              then public.genworker_chunks_length(c.id) else char_length(c.content) end,
+         c.error_message, c.generation_job_id,
+         case when p_with_content then coalesce(public.genworker_chunks_text(c.id), c.content) end
+    from public.chapters c where c.story_id = p_story_id order by c.number
+$$;
+
 -- ---------------------------------------------------------------------------
 -- Privileges. Users read their own chunks (the Postgres Changes opt-in, and
 -- get_chapter_text); only the worker functions write them.

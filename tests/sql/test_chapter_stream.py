@@ -307,3 +307,12 @@ async def test_a_role_that_may_not_add_the_realtime_policy_still_migrates(pg_ser
             await platform.close()
     finally:
         await pg_server.drop_database(dsn)
+
+
+async def test_story_progress_shows_the_streamed_text(conn, running) -> None:
+    await append(conn, running["job"], 0, "Growing…")
+    rows = await conn.fetch("select * from story_progress($1, true)", running["story"])
+    mine = next(r for r in rows if str(r["chapter_id"]) == running["chapter"])
+    assert (mine["content_length"], mine["content"]) == (8, "Growing…")
+    first = next(r for r in rows if r["number"] == 1)  # no chunks: the row's content
+    assert first["content_length"] == 53 and first["content"].endswith("END")
