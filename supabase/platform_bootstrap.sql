@@ -106,7 +106,7 @@ begin
 end $$;
 
 -- Realtime's tenant objects that Broadcast from the database relies on (what the Realtime
--- service creates in every project; see docs/realtime.md). realtime.send inserts a row into
+-- service creates in every project; see docs/supabase-platform.md §4). realtime.send inserts a row into
 -- realtime.messages, which Realtime delivers on commit through logical replication; Realtime
 -- Authorization is row level security on realtime.messages, evaluated at channel join with
 -- realtime.topic() set to the channel's topic. Hosted projects partition the table by day
