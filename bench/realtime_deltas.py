@@ -6,9 +6,10 @@
 
 Each chapter is streamed on its own (one after the other, so the WAL of each is its own)
 through the production worker: the real Runner, ChapterHandler with the default
-FLUSH_INTERVAL_MS=1000 and FLUSH_CHARS=2000, PostgresStore, and the offline model paced
-at --chars-per-second (default 640, the pace bench/chapter_stream.py's fake Gemini
-streams at, about 160 tokens/s). Five sections per chapter. Per chapter it prints:
+FLUSH_INTERVAL_MS=1000 and FLUSH_CHARS=2000, the Store over PostgresTransport, and the
+offline model paced at --chars-per-second (default 640, the pace
+bench/chapter_stream.py's fake Gemini streams at, about 160 tokens/s). Five sections per
+chapter. Per chapter it prints:
 
 * messages: rows realtime.send inserted into realtime.messages for topic chapter:<id>,
   their rate over the chapter's run (claim to completion), and the most in any one second.
@@ -297,7 +298,8 @@ async def run(args: argparse.Namespace) -> int:
 
     from worker.generation.chapter import ChapterHandler, GenerationConfig
     from worker.handlers import build_handlers
-    from worker.store.postgres import PostgresStore
+    from worker.store import Store
+    from worker.store.postgres import PostgresTransport
 
     results = []
     async with throwaway_database() as (cluster, admin, server_version):
@@ -316,11 +318,12 @@ async def run(args: argparse.Namespace) -> int:
             overhead = 700  # the frame around the record: columns with types, envelope
             await admin.execute(FALLBACK_LOG % {"overhead": overhead})
         say(
-            f"PostgreSQL {server_version}; worker: Runner + ChapterHandler + PostgresStore,"
+            f"PostgreSQL {server_version}; worker: Runner + ChapterHandler"
+            " + Store(PostgresTransport),"
             f" FLUSH_INTERVAL_MS={args.flush_ms}, FLUSH_CHARS={args.flush_chars},"
             f" offline model at {args.chars_per_second:g} chars/s, {SECTIONS} sections"
         )
-        store = await PostgresStore(cluster.dsn(), pool_size=6, listen=True).open()
+        store = await Store(PostgresTransport(cluster.dsn(), pool_size=6, listen=True)).open()
         model = PacedSizedModel(args.chars_per_second)
         gen = GenerationConfig(
             default_model="offline",

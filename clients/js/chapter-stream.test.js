@@ -262,3 +262,20 @@ test('a refused join (not the owner) rejects ready and reports the error', async
   assert.equal(errors.length, 1)
   assert.equal(supabase.rpcCalls.length, 0)
 })
+
+test('a regenerated chapter starts over from offset 0', async () => {
+  const { messages, final } = fixture('plain')
+  const { supabase, follow } = await start(messages)
+  await play(supabase, messages)
+  assertSameBytes(follow.state.text, final.content)
+  // The user enqueues the chapter again: the database announces length 0, then new deltas.
+  supabase.deliver({ event: 'status', payload: { status: 'queued', progress: 0, step: 'queued', length: 0 } })
+  await tick()
+  assert.equal(follow.state.text, '')
+  assert.equal(follow.state.status, 'queued')
+  supabase.deliver({ event: 'delta', payload: { offset: 0, text: 'A new start.', progress: 12 } })
+  await tick()
+  assert.equal(follow.state.text, 'A new start.')
+  assert.equal(supabase.rpcCalls.length, 1)
+})
+

@@ -317,11 +317,13 @@ begin
 end $$;
 
 -- A new generation job starts the chapter from nothing: the old chunks go (the
--- enqueue has already emptied content).
+-- enqueue has already emptied content), and readers still showing the old text are told
+-- (a 'status' with length 0), so the new text's offsets are not taken for duplicates.
 create or replace function public.chapters_new_job_clears_chunks() returns trigger
 language plpgsql security definer set search_path = public, pg_temp as $$
 begin
   delete from public.chapter_chunks where chapter_id = new.id;
+  perform public.genworker_broadcast_status(new, 0);
   return null;
 end $$;
 

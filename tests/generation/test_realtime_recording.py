@@ -1,6 +1,6 @@
 """Records the Broadcast messages a real chapter run produces, for the JavaScript client's tests.
 
-The real Runner, ChapterHandler and PostgresStore write a chapter through the SQL
+The real Runner, ChapterHandler and Store (PostgreSQL transport) write a chapter through the SQL
 functions; every row realtime.send put in realtime.messages for the chapter's topic is
 written to clients/js/fixtures/<name>.json with the final chapters.content. The run is
 deterministic (offline model, flushes by size only), so re-recording rewrites the same
@@ -23,7 +23,8 @@ from worker.generation.chapter import ChapterHandler, GenerationConfig
 from worker.generation.model import Outline, Usage
 from worker.generation.offline import OfflineModel
 from worker.handlers import build_handlers
-from worker.store.postgres import PostgresStore
+from worker.store import Store
+from worker.store.postgres import PostgresTransport
 
 FIXTURES = Path(__file__).resolve().parents[2] / "clients" / "js" / "fixtures"
 FIXED_CHAPTER = "00000000-0000-4000-8000-00000000c0de"
@@ -143,7 +144,7 @@ def write_fixture(name: str, data: dict[str, Any]) -> None:
 
 async def test_record_a_plain_run(conn: asyncpg.Connection, db_dsn: str) -> None:
     _, chapter, job = await chapter_job(conn, options=OPTIONS)
-    store = await PostgresStore(db_dsn).open()
+    store = await Store(PostgresTransport(db_dsn)).open()
     try:
         async with running(store, build_handlers(ChapterHandler(UnicodeModel(), CONFIG))):
             await wait_until(
@@ -163,7 +164,7 @@ async def test_record_a_plain_run(conn: asyncpg.Connection, db_dsn: str) -> None
 
 async def test_record_a_rescue_with_a_rewind(conn: asyncpg.Connection, db_dsn: str) -> None:
     _, chapter, job = await chapter_job(conn, options=OPTIONS)
-    store = await PostgresStore(db_dsn).open()
+    store = await Store(PostgresTransport(db_dsn)).open()
     doomed_model = UnicodeModel(hang_in=2, hang_after=7)
     try:
         handlers = build_handlers(ChapterHandler(doomed_model, CONFIG))

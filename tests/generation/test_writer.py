@@ -13,7 +13,8 @@ from tests.runtime.conftest import wait_until
 from tests.support.seed import claimed_chapter
 from worker.errors import LeaseLost
 from worker.generation.writer import ChapterWriter
-from worker.store.postgres import PostgresStore
+from worker.store import Store
+from worker.store.postgres import PostgresTransport
 
 
 class Clock:
@@ -25,8 +26,8 @@ class Clock:
 
 
 @pytest.fixture
-async def store(db_dsn: str) -> AsyncIterator[PostgresStore]:
-    s = await PostgresStore(db_dsn).open()
+async def store(db_dsn: str) -> AsyncIterator[Store]:
+    s = await Store(PostgresTransport(db_dsn)).open()
     yield s
     await s.close()
 
@@ -50,7 +51,7 @@ async def state(conn: asyncpg.Connection, chapter: str) -> dict:
     return json.loads(raw)
 
 
-def writer(store: PostgresStore, job: dict[str, str], clock: Clock, interval: float = 1.0):
+def writer(store: Store, job: dict[str, str], clock: Clock, interval: float = 1.0):
     return ChapterWriter(
         store, job["job"], "w", offset=0, flush_interval_s=interval, flush_chars=1000, clock=clock
     )

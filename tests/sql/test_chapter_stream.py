@@ -137,6 +137,10 @@ async def test_failure_keeps_the_text_and_a_new_job_starts_empty(conn, running) 
         await conn.fetchval("select enqueue_chapter_generation($1)", chapter)
     assert await conn.fetchval("select count(*) from chapter_chunks") == 0
     assert await conn.fetchval("select content from get_chapter_text($1)", chapter) == ""
+    # Readers still showing the old text are told it is gone.
+    assert (await messages(conn, chapter))[-1] == {
+        "event": "status", "status": "queued", "progress": 0, "step": "queued", "length": 0
+    }  # fmt: skip
 
 
 async def test_readers_see_only_their_own_text(conn, running) -> None:
