@@ -34,7 +34,7 @@ Targets (exit 1 when one fails): Broadcast <= 1.5 x text at 20 and 60 KB;
 postgres_changes on chapters <= 2 x text at 20 and 60 KB; WAL <= 4 x text at 60 KB;
 at the default flush, at most one delta message per second per chapter: consecutive
 deltas at least one second apart (the chapter's last one, written at once so the chapter
-can finish, left out); the three lifecycle status messages per chapter are counted and
+can finish, left out); the status messages of each chapter are counted and
 printed separately.
 """
 
