@@ -104,3 +104,66 @@ begin
                    current_setting('genworker.migration_owner'));
   end if;
 end $$;
+
+-- Realtime's tenant objects that Broadcast from the database relies on (what the Realtime
+-- service creates in every project; see docs/supabase-platform.md §4). realtime.send inserts a row into
+-- realtime.messages, which Realtime delivers on commit through logical replication; Realtime
+-- Authorization is row level security on realtime.messages, evaluated at channel join with
+-- realtime.topic() set to the channel's topic. Hosted projects partition the table by day
+-- on inserted_at; one plain table with the same columns is enough here.
+do $$
+begin
+  if not exists (select 1 from pg_roles where rolname = 'supabase_realtime_admin') then
+    create role supabase_realtime_admin nologin noinherit;
+  end if;
+end $$;
+
+create schema if not exists realtime;
+grant usage on schema realtime to anon, authenticated, service_role;
+
+create table if not exists realtime.messages (
+  topic          text not null,
+  extension      text not null,
+  payload        jsonb,
+  event          text,
+  private        boolean default false,
+  updated_at     timestamp without time zone not null default now(),
+  inserted_at    timestamp without time zone not null default now(),
+  id             uuid not null default gen_random_uuid(),
+  binary_payload bytea,
+  primary key (id, inserted_at)
+);
+alter table realtime.messages owner to supabase_realtime_admin;
+alter table realtime.messages enable row level security;
+grant select, insert, update on realtime.messages to anon, authenticated, service_role;
+
+-- The channel topic Realtime sets (without its 'realtime:' prefix) while it authorizes.
+create or replace function realtime.topic() returns text language sql stable as $$
+  select nullif(current_setting('realtime.topic', true), '')::text
+$$;
+
+-- Broadcast one message from SQL. Like Supabase's: adds a generated 'id' to a payload
+-- without one, sets realtime.topic for the rest of the transaction, and never raises:
+-- any error becomes a WARNING and the caller's transaction goes on.
+create or replace function realtime.send(
+  payload jsonb, event text, topic text, private boolean default true)
+returns void language plpgsql volatile as $$
+declare
+  v_id uuid;
+begin
+  begin
+    v_id := gen_random_uuid();
+    execute format('set local realtime.topic to %L', topic);
+    insert into realtime.messages (id, payload, event, topic, private, extension)
+    values (v_id,
+            case when payload ? 'id' then payload else jsonb_set(payload, '{id}', to_jsonb(v_id)) end,
+            event, topic, private, 'broadcast');
+  exception when others then
+    raise warning 'WarnSendingBroadcastMessage: %', sqlerrm;
+  end;
+end $$;
+
+alter function realtime.topic() owner to supabase_realtime_admin;
+alter function realtime.send(jsonb, text, text, boolean) owner to supabase_realtime_admin;
+grant execute on function realtime.topic(), realtime.send(jsonb, text, text, boolean)
+  to anon, authenticated, service_role;

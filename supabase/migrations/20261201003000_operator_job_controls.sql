@@ -80,6 +80,8 @@ $$;
 
 -- Operators (service_role): one chapter's state, and its text from character p_from on
 -- (0 = all), so `genworker show --follow` fetches only what was added since its last look.
+-- While a chapter is written its text is in chapter_chunks (20261201001000); after, in
+-- chapters.content.
 -- content_length is the whole text's length; a retried section can make it shrink.
 create or replace function public.read_chapter(p_chapter_id uuid, p_from integer default 0)
 returns table (chapter_id uuid, story_id uuid, number integer, title text, status text,
@@ -87,9 +89,10 @@ returns table (chapter_id uuid, story_id uuid, number integer, title text, statu
                error_message text, job_id uuid, job_status text, content text)
 language sql stable set search_path = public, pg_temp as $$
   select c.id, c.story_id, c.number, c.title, c.status, c.progress, c.current_step,
-         c.word_count, char_length(c.content), c.error_message, c.generation_job_id, j.status,
-         substr(c.content, greatest(coalesce(p_from, 0), 0) + 1)
+         c.word_count, char_length(t.text), c.error_message, c.generation_job_id, j.status,
+         substr(t.text, greatest(coalesce(p_from, 0), 0) + 1)
     from public.chapters c
+    cross join lateral (select coalesce(public.genworker_chunks_text(c.id), c.content) as text) t
     left join public.job_queue j on j.id = c.generation_job_id
    where c.id = p_chapter_id
 $$;

@@ -137,10 +137,12 @@ returns jsonb language sql stable set search_path = public, pg_temp as $$
                'id', c.id, 'story_id', c.story_id, 'number', c.number, 'title', c.title,
                'status', c.status, 'progress', c.progress, 'current_step', c.current_step,
                'error_message', c.error_message, 'word_count', c.word_count,
-               'content_length', char_length(c.content), 'content', left(c.content, 200000),
+               'content_length', char_length(t.text), 'content', left(t.text, 200000),
                'outline_text', left(jsonb_pretty(c.outline), 20000),
                'linked', c.generation_job_id is not distinct from j.id, 'updated_at', c.updated_at)
         from public.chapters c
+        -- While a chapter is written its text is in chapter_chunks (20261201001000).
+        cross join lateral (select coalesce(public.genworker_chunks_text(c.id), c.content) as text) t
        where c.generation_job_id = j.id
           or c.id = case when j.job_payload ->> 'chapter_id'
                                 ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
@@ -152,8 +154,8 @@ returns jsonb language sql stable set search_path = public, pg_temp as $$
 $$;
 
 -- The live view, polled every second or two: jobs being processed with their chapter's
--- progress. octet_length reads a TOASTed text's size from its pointer without
--- decompressing it, so a poll costs the same whatever the chapters' length.
+-- progress. While a chapter is written its text is in chapter_chunks (one row per flush);
+-- octet_length reads a finished text's size from its TOAST pointer without decompressing.
 create or replace function public.dashboard_live()
 returns jsonb language sql stable set search_path = public, pg_temp as $$
   select jsonb_build_object(
@@ -172,7 +174,9 @@ returns jsonb language sql stable set search_path = public, pg_temp as $$
                  greatest(j.progress, coalesce(c.progress, 0)) as progress,
                  left(coalesce(c.current_step, j.current_step), 200) as current_step,
                  c.id as chapter_id, c.number, left(c.title, 300) as title,
-                 octet_length(c.content) as text_bytes
+                 greatest(octet_length(c.content),
+                          (select sum(octet_length(k.text)) from public.chapter_chunks k
+                            where k.chapter_id = c.id)) as text_bytes
             from public.job_queue j
             left join public.chapters c on c.generation_job_id = j.id
            where j.status = 'processing'

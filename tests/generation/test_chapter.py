@@ -98,11 +98,16 @@ async def test_happy_path_text_progress_and_writes(conn, store, model, fake_gemi
     assert 10 in progress and max(p for p in progress if p < 100) == 95
     steps = [r["current_step"] for r in log]
     assert any(s.startswith("section 2/3: ") for s in steps)
-    # Buffered: far fewer writes than streamed chunks, and never a write without text
-    # growth except the outline, the per-section checkpoints and the status changes.
-    appends = [r for a, r in itertools.pairwise(log) if r["content_length"] > a["content_length"]]
+    # Buffered: far fewer appends than streamed chunks, each one row of chapter_chunks;
+    # the chapters row gets the text once, when the chapter finishes.
+    appends = await conn.fetchval(
+        "select count(*) from chapter_chunks where chapter_id = $1", chapter
+    )
     chunks = sum(len(t) // fake_gemini.chunk_chars + 1 for t in sections)
-    assert 3 <= len(appends) < chunks
+    assert 3 <= appends < chunks
+    lengths = [r["content_length"] for r in log]
+    assert set(lengths) == {0, len(row["content"])} and lengths[-1] == len(row["content"])
+    assert sum(1 for a, b in itertools.pairwise(lengths) if a != b) == 1
 
     result = json.loads(await conn.fetchval("select job_result from job_queue where id = $1", job))
     assert result["chapter_id"] == chapter and result["sections"] == 3
@@ -277,11 +282,7 @@ async def test_cancel_stops_the_stream_and_keeps_text(conn, store, model, fake_g
     fake_gemini.default = ok(delay_s=0.1, chunk_chars=20)
     handlers = build_handlers(ChapterHandler(model, CONFIG))
     async with running(store, handlers, heartbeat_interval_s=0.2) as runner:
-        await wait_until(
-            lambda: conn.fetchval(
-                "select char_length(content) > 100 from chapters where id = $1", chapter
-            )
-        )
+        await wait_until(lambda: conn.fetchval("select genworker_chunks_length($1) > 100", chapter))
         async with as_role(conn, "authenticated", user):
             assert await conn.fetchval("select cancel_job($1)", job)
         await wait_until(lambda: not runner.in_flight, timeout=15)
@@ -321,7 +322,7 @@ async def test_pause_and_resume_continue_at_the_next_section(
         await wait_until(
             lambda: conn.fetchval(
                 "select (generation_state->>'sections_done')::int = 1 and status = 'generating'"
-                " and char_length(content) > (generation_state->>'content_length')::int + 40"
+                " and genworker_chunks_length(id) > (generation_state->>'content_length')::int + 40"
                 " from chapters where id = $1",
                 chapter,
             )
@@ -356,7 +357,7 @@ async def test_kill_and_rescue_mid_section_gives_the_same_text(
         await wait_until(
             lambda: conn.fetchval(
                 "select (generation_state->>'sections_done')::int = 1"
-                " and char_length(content) > (generation_state->>'content_length')::int + 40"
+                " and genworker_chunks_length(id) > (generation_state->>'content_length')::int + 40"
                 " from chapters where id = $1",
                 chapter,
             )

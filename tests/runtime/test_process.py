@@ -127,7 +127,7 @@ async def test_kill_9_mid_chapter_is_rescued_by_a_second_worker(
         await wait_until(
             lambda: conn.fetchval(
                 "select coalesce((generation_state->>'sections_done')::int, 0) >= 1"
-                " and char_length(content) > (generation_state->>'content_length')::int"
+                " and genworker_chunks_length(id) > (generation_state->>'content_length')::int"
                 " from chapters where id = $1",
                 chapter,
             ),

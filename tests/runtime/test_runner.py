@@ -172,20 +172,12 @@ async def test_lost_lease_cancels_handler_and_stops_writes(db_dsn: str, conn) ->
             stopped.set()
 
     async with open_store("postgres", db_dsn) as store, running(store, {"writer": writer}):
-        await wait_until(
-            lambda: conn.fetchval(
-                "select char_length(content) > 5 from chapters where id = $1", chapter
-            )
-        )
+        await wait_until(lambda: conn.fetchval("select genworker_chunks_length($1) > 5", chapter))
         await conn.execute("update job_queue set worker_id = 'thief' where id = $1", jid)
-        stolen_at = await conn.fetchval(
-            "select char_length(content) from chapters where id = $1", chapter
-        )
+        stolen_at = await conn.fetchval("select genworker_chunks_length($1)", chapter)
         await asyncio.wait_for(stopped.wait(), 15)
         await asyncio.sleep(0.5)
-        after = await conn.fetchval(
-            "select char_length(content) from chapters where id = $1", chapter
-        )
+        after = await conn.fetchval("select genworker_chunks_length($1)", chapter)
     # Whichever sees the theft first stops the handler: the fenced append (refused) or the
     # heartbeat (cancel); on a loaded machine either can win. No write lands after it.
     assert after == stolen_at

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from tests.support.seed import create_chapter, create_story, create_user
+from tests.support.seed import claimed_chapter, create_chapter, create_story, create_user
 
 
 @pytest.fixture
@@ -14,3 +14,9 @@ async def alice(conn: asyncpg.Connection) -> dict[str, str]:
     story = await create_story(conn, user)
     chapter = await create_chapter(conn, story, user, 1, "Arrival")
     return {"user": user, "story": story, "chapter": chapter}
+
+
+@pytest.fixture
+async def running(conn: asyncpg.Connection) -> dict[str, str]:
+    """A chapter whose generation job is claimed by worker 'w'."""
+    return await claimed_chapter(conn)

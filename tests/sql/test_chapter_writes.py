@@ -7,25 +7,7 @@ import json
 import asyncpg
 import pytest
 
-from tests.support.seed import claim, create_chapter, create_story, create_user, fail
-
-
-@pytest.fixture
-async def running(conn: asyncpg.Connection) -> dict[str, str]:
-    """A chapter whose generation job is claimed by worker 'w'."""
-    user = await create_user(conn)
-    story = await create_story(conn, user, title="Tides")
-    prev = await create_chapter(conn, story, user, 1, "One")
-    await conn.execute("update chapters set content = $1 where id = $2", "x" * 50 + "END", prev)
-    chapter = await create_chapter(conn, story, user, 2)
-    jid = await conn.fetchval(
-        "insert into job_queue (job_type, job_payload, user_id) values"
-        " ('chapter_generation', '{}', $1) returning id",
-        user,
-    )
-    await conn.execute("update chapters set generation_job_id = $1 where id = $2", jid, chapter)
-    await claim(conn, "w")
-    return {"job": str(jid), "chapter": chapter, "user": user, "story": story}
+from tests.support.seed import claim, create_user, fail
 
 
 async def append(conn, job, offset, text, progress=20, step="section 1/2: x", checkpoint=None):
@@ -67,7 +49,7 @@ async def test_append_is_idempotent_by_offset(conn, running) -> None:
     assert await append(conn, job, 9, " a time", progress=30) is True
     assert await append(conn, job, 9, " a time", progress=30) is True  # a retried request
     row = await conn.fetchrow(
-        "select content, progress, current_step from chapters where id = $1", running["chapter"]
+        "select content, progress, current_step from get_chapter_text($1)", running["chapter"]
     )
     assert row["content"] == "Once upon a time" and row["progress"] == 30
     assert row["current_step"] == "section 1/2: x"
@@ -77,7 +59,7 @@ async def test_append_is_idempotent_by_offset(conn, running) -> None:
     with pytest.raises(asyncpg.PostgresError):
         await append(conn, job, 99, "zzz")
     assert (
-        await conn.fetchval("select content from chapters where id = $1", running["chapter"])
+        await conn.fetchval("select content from get_chapter_text($1)", running["chapter"])
         == "Once upon a time"
     )
 

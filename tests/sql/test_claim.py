@@ -136,7 +136,7 @@ async def test_rescue_counts_a_retry_and_fences_the_stale_worker(conn: asyncpg.C
     assert await conn.fetchval("select release_job($1, 'stale')", jid) is False
     assert await fail(conn, jid, "stale", "failed", 1, None, "{}") == 0
     assert await conn.fetchval("select start_chapter_generation($1, 'stale')", jid) is None
-    ch = await conn.fetchrow("select content, progress from chapters where id = $1", chapter)
+    ch = await conn.fetchrow("select content, progress from get_chapter_text($1)", chapter)
     assert ch["content"] == "Hello" and ch["progress"] == 20
     assert (await conn.fetchrow("select status from job_queue where id = $1", jid))[
         "status"

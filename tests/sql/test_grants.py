@@ -28,6 +28,10 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     # The stories check constraint runs as whoever writes the row.
     ("function", "genworker_preferences_ok(jsonb)", "authenticated"): "EXECUTE",
     ("function", "genworker_preferences_ok(jsonb)", "service_role"): "EXECUTE",
+    # A reader's text so far (runs as the caller: RLS on chapters and chapter_chunks).
+    ("function", "get_chapter_text(uuid)", "authenticated"): "EXECUTE",
+    ("function", "genworker_chunks_text(uuid)", "authenticated"): "EXECUTE",
+    ("table", "chapter_chunks", "authenticated"): "SELECT",
     ("table", "chapters", "authenticated"): "DELETE,SELECT",
     ("table", "job_events", "authenticated"): "SELECT",
     ("table", "job_queue", "authenticated"): "SELECT",
@@ -51,6 +55,12 @@ ALLOWED: dict[tuple[str, str, str], str] = {
             "complete_job(uuid,text,jsonb)",
             "enqueue_job(text,jsonb,integer,text,integer,double precision)",
             "finish_chapter(uuid,text)",
+            "genworker_broadcast(uuid,text,jsonb)",
+            "genworker_broadcast_status(chapters,integer)",
+            "genworker_chunks_length(uuid)",
+            "genworker_chunks_text(uuid)",
+            "genworker_cut_chapter(uuid,integer)",
+            "get_chapter_text(uuid)",
             "genworker_fence(uuid,text,integer,text)",
             "get_job(uuid)",
             "heartbeat_jobs(text,uuid[])",
@@ -73,6 +83,7 @@ ALLOWED: dict[tuple[str, str, str], str] = {
             "dashboard_overview(integer)",
         )
     },
+    ("table", "chapter_chunks", "service_role"): "DELETE,INSERT,SELECT",
     ("table", "chapters", "service_role"): ALL_TABLE,
     ("table", "job_events", "service_role"): "SELECT",
     ("table", "job_lanes", "service_role"): ALL_TABLE,

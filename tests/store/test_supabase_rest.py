@@ -679,7 +679,8 @@ async def test_lost_append_response_is_retried_once_applied(
         is True
     )
     assert gateway.count("append_chapter_content") == 2
-    assert await conn.fetchval("select content from chapters where id = $1", cj.chapter) == "Once. "
+    assert await conn.fetchval("select content from get_chapter_text($1)", cj.chapter) == "Once. "
+    assert await conn.fetchval("select count(*) from chapter_chunks") == 1
 
 
 async def test_lost_complete_response_is_retried_to_true(

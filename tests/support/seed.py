@@ -175,3 +175,20 @@ create trigger test_log_progress after update on chapters
 async def install_progress_log(conn: asyncpg.Connection) -> None:
     """Test-only: record every chapter change, to assert progress and write counts."""
     await conn.execute(PROGRESS_LOG)
+
+
+async def claimed_chapter(conn: asyncpg.Connection) -> dict[str, str]:
+    """A chapter (after a finished chapter 1) whose generation job worker 'w' has claimed."""
+    user = await create_user(conn)
+    story = await create_story(conn, user, title="Tides")
+    prev = await create_chapter(conn, story, user, 1, "One")
+    await conn.execute("update chapters set content = $1 where id = $2", "x" * 50 + "END", prev)
+    chapter = await create_chapter(conn, story, user, 2)
+    jid = await conn.fetchval(
+        "insert into job_queue (job_type, job_payload, user_id) values"
+        " ('chapter_generation', '{}', $1) returning id",
+        user,
+    )
+    await conn.execute("update chapters set generation_job_id = $1 where id = $2", jid, chapter)
+    await claim(conn, "w")
+    return {"job": str(jid), "chapter": chapter, "user": user, "story": story}

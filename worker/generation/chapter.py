@@ -117,13 +117,15 @@ class ChapterHandler:
                     "usage": asdict(usage),
                     "sections_total": total,
                 }
-                await writer.flush(
+                await writer.checkpoint(
+                    checkpoint,
                     progress=section_progress(index + 1, total, 0.0),
                     step=f"section {index + 1}/{total} done",
-                    checkpoint=checkpoint,
+                    final=index + 1 == total,
                 )
                 ctx.report(writer.progress, writer.step)
         finally:
+            await writer.close()
             ctx.metrics.chapter_writes.inc(writer.writes)
             ctx.metrics.chapter_bytes.inc(writer.bytes_sent)
         words = await ctx.store.finish_chapter(job_id, worker)
