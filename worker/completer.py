@@ -36,9 +36,9 @@ class Completer:
         if not self._flushing:
             self._flushing = True
             self._task = loop.create_task(self._flush(), name="complete-batch")
-        # Shielded: a job cancelled while its completion is in flight must not cancel the
-        # call that also carries other jobs' completions.
-        return await asyncio.shield(fut)
+        # A caller cancelled meanwhile cancels only its own future: the call that carries
+        # the batch is the flush task's, and it goes on for the others.
+        return await fut
 
     async def _flush(self) -> None:
         try:

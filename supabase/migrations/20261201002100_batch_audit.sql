@@ -58,9 +58,13 @@ drop function if exists public.job_queue_after_change();
 -- by this worker, including ones a retried call had already completed. An id it does not
 -- return was lost (rescued, cancelled or paused) and was left untouched.
 create or replace function public.complete_jobs(p_worker_id text, p_results jsonb)
-returns setof uuid language plpgsql volatile set search_path = public, pg_temp as $$
+returns setof uuid language plpgsql volatile
+set plan_cache_mode = force_generic_plan
+set search_path = public, pg_temp as $$
 declare
   v_bad text;
+  v_ids uuid[];
+  v_dup boolean;
 begin
   if p_worker_id is null or p_worker_id = '' then
     raise exception using errcode = 'PT400', message = 'complete_jobs: p_worker_id is required';
@@ -75,21 +79,29 @@ begin
       message = format('complete_jobs: at most 1000 results per call, not %s',
                        jsonb_array_length(p_results));
   end if;
-  select left(e::text, 100) into v_bad
-    from jsonb_array_elements(p_results) e
-   where jsonb_typeof(e) is distinct from 'object'
-      or jsonb_typeof(e -> 'job_id') is distinct from 'string'
-      or (e ->> 'job_id') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-   limit 1;
+  -- One pass: the first malformed element, the ids, and whether any id repeats.
+  select left((array_agg(e::text) filter (where bad))[1], 100),
+         array_agg(id) filter (where not bad),
+         count(*) filter (where not bad) <> count(distinct id) filter (where not bad)
+    into v_bad, v_ids, v_dup
+    from (select e, jsonb_typeof(e) is distinct from 'object'
+                    or jsonb_typeof(e -> 'job_id') is distinct from 'string'
+                    or (e ->> 'job_id') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                    as bad,
+                 case when jsonb_typeof(e) = 'object' and jsonb_typeof(e -> 'job_id') = 'string'
+                       and (e ->> 'job_id') ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                      then (e ->> 'job_id')::uuid end as id
+            from jsonb_array_elements(p_results) e) x;
   if v_bad is not null then
     raise exception using errcode = 'PT400',
       message = format('complete_jobs: each result must be {"job_id": "<uuid>", "result": ...}; got %s',
                        v_bad);
   end if;
-  if (select count(*) <> count(distinct e ->> 'job_id') from jsonb_array_elements(p_results) e) then
+  if v_dup then
     raise exception using errcode = 'PT400', message = 'complete_jobs: a job_id appears twice';
   end if;
 
+  -- id = any(v_ids) keeps both lookups on the primary key whatever the planner knows.
   return query
   with input as (
     select (e ->> 'job_id')::uuid as id,
@@ -100,12 +112,13 @@ begin
        set status = 'completed', job_result = i.result, completed_at = now(), progress = 100,
            current_step = 'completed', heartbeat_at = now()
       from input i
-     where q.id = i.id and q.worker_id = p_worker_id and q.status = 'processing'
+     where q.id = any (v_ids) and q.id = i.id
+       and q.worker_id = p_worker_id and q.status = 'processing'
     returning q.id)
   select d.id from done d
   union
-  select q.id from public.job_queue q join input i on i.id = q.id
-   where q.worker_id = p_worker_id and q.status = 'completed';
+  select q.id from public.job_queue q
+   where q.id = any (v_ids) and q.worker_id = p_worker_id and q.status = 'completed';
 end $$;
 
 revoke all on function public.job_queue_audit_insert(), public.job_queue_audit_update()

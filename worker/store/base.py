@@ -231,7 +231,7 @@ class Job:
 
     @classmethod
     def _from_row(cls, row: Mapping[str, Any]) -> Job:
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        known = _JOB_FIELDS
         return cls(
             id=str(row["id"]),
             job_type=row["job_type"],
@@ -252,6 +252,9 @@ class Job:
                 k: _as_dt(v) if k.endswith("_at") else v for k, v in row.items() if k not in known
             },
         )
+
+
+_JOB_FIELDS = frozenset(f for f in Job.__dataclass_fields__ if f != "extra")
 
 
 def _int_or_zero(value: Any) -> int:
