@@ -1,6 +1,7 @@
 """The runner: claims jobs into free slots, runs their handlers, records the outcome.
 
-Never more than ``concurrency`` jobs in flight; one claim call asks for
+Never more than ``concurrency`` handlers running (a job whose handler returned frees its
+slot while its completion is recorded); one claim call asks for
 min(free slots, ``claim_batch_max``) jobs and gets their full rows (``claim_jobs``, fair
 across users and within each user's cap); a full batch claims again at once, a short
 one waits for a new-job notification or for a local job to finish, and idle polling
@@ -19,6 +20,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
 
 from worker.completer import Completer
 from worker.errors import LeaseLost, PermanentJobError, classify, error_details
@@ -57,6 +59,13 @@ class InFlight:
     step: str = "claimed"
     stop_reason: str | None = None  # 'lease_lost' | 'shutdown' | 'superseded'
     finishing: bool = False  # complete/fail under way: the heartbeat must not cancel it
+    holds_slot: bool = True  # the handler has not returned yet
+
+
+class _TypeMetrics(NamedTuple):
+    claimed: Any
+    completed: Any
+    run_seconds: Any
 
 
 def retry_delay(
@@ -89,7 +98,11 @@ class Runner:
         self.stopping = asyncio.Event()
         self.fatal: BaseException | None = None
         self._slot_free = asyncio.Event()
+        self._running = 0  # handlers running: what WORKER_CONCURRENCY bounds
         self.completer = Completer(store, config.worker_id, self.metrics)
+        # Read when scraped, not written per job.
+        self.metrics.in_flight.set_function(lambda: len(self.in_flight))
+        self._by_type: dict[str, _TypeMetrics] = {}
         self.claim_calls = 0
         self.claimed_jobs = 0
         self.last_claim_batch: int | None = None
@@ -172,7 +185,7 @@ class Runner:
     async def _claim_loop(self) -> None:
         idle = self.config.poll_interval_s
         while not self.stopping.is_set():
-            free = self.config.concurrency - len(self.in_flight)
+            free = self.config.concurrency - self._running
             if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
@@ -207,7 +220,7 @@ class Runner:
             self.consecutive_store_errors = 0
             self._store_result(None)
             for job in claimed:
-                self.metrics.claimed.labels(job.job_type).inc()
+                self._type_metrics(job.job_type).claimed.inc()
                 await self._start(job)
             if claimed:
                 self.last_claim_at = time.time()
@@ -264,6 +277,20 @@ class Runner:
                 log.warning("a claim under way at shutdown could not be undone: %s", exc)
             raise
 
+    def _type_metrics(self, job_type: str) -> _TypeMetrics:
+        """The per-job-type series touched for every job, looked up once per type."""
+        found = self._by_type.get(job_type)
+        if found is None:
+            m = self.metrics
+            found = _TypeMetrics(
+                m.claimed.labels(job_type),
+                m.completed.labels(job_type),
+                m.run_seconds.labels(job_type),
+            )
+            if len(self._by_type) < 1000:  # job types are few; never grow without bound
+                self._by_type[job_type] = found
+        return found
+
     def users_in_flight(self, top: int = 10) -> list[tuple[str, int]]:
         """This process's running jobs per user ('none' for jobs without one), busiest first."""
         counts = Counter(
@@ -282,7 +309,7 @@ class Runner:
             await asyncio.gather(old.task, return_exceptions=True)
         entry = InFlight(claimed)
         self.in_flight[claimed.job_id] = entry
-        self.metrics.in_flight.set(len(self.in_flight))
+        self._running += 1
         entry.task = asyncio.create_task(self._execute(entry), name=f"job-{claimed.job_id}")
 
     def _lease_lost(self, job_id: str) -> None:
@@ -329,8 +356,9 @@ class Runner:
                 log.debug("job started")
                 result = await handler(ctx)
                 entry.finishing = True
+                self._free_slot(entry)  # its completion goes on while the next job starts
                 if await self.completer.complete(job.id, result):
-                    self.metrics.completed.labels(job.job_type).inc()
+                    self._type_metrics(job.job_type).completed.inc()
                     log.debug("job completed in %.2fs", time.monotonic() - entry.started)
                 else:
                     raise LeaseLost("complete_job refused: the lease was lost")
@@ -342,17 +370,24 @@ class Runner:
                 log.warning("job stopped, nothing more written: %s", exc)
             except Exception as exc:
                 entry.finishing = True
+                self._free_slot(entry)
                 if isinstance(exc, StoreError):
                     self._store_result(exc)
                 await self._record_failure(claimed, job, exc)
             finally:
-                self.metrics.run_seconds.labels(claimed.job_type).observe(
+                self._type_metrics(claimed.job_type).run_seconds.observe(
                     time.monotonic() - entry.started
                 )
                 if self.in_flight.get(claimed.job_id) is entry:
                     del self.in_flight[claimed.job_id]
-                self.metrics.in_flight.set(len(self.in_flight))
-                self._slot_free.set()
+                self._free_slot(entry)
+                self._slot_free.set()  # recorded: its user may be under the cap again
+
+    def _free_slot(self, entry: InFlight) -> None:
+        if entry.holds_slot:
+            entry.holds_slot = False
+            self._running -= 1
+            self._slot_free.set()
 
     async def _on_cancelled(self, entry: InFlight) -> None:
         if entry.stop_reason != "shutdown":

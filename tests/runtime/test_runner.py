@@ -55,18 +55,22 @@ async def test_200_jobs_at_concurrency_50_complete_exactly_once(
 
 
 async def test_never_more_than_concurrency_in_flight(db_dsn: str, conn) -> None:
+    """WORKER_CONCURRENCY bounds running handlers (a finished one frees its slot while its
+    completion is recorded)."""
     await insert_jobs(conn, 12, job_type="slow")
-    peak = 0
+    peak = running_now = 0
 
     async def slow(ctx: JobContext) -> dict:
-        nonlocal peak
-        peak = max(peak, len(runner.in_flight))
+        nonlocal peak, running_now
+        running_now += 1
+        peak = max(peak, running_now)
         await asyncio.sleep(0.2)
+        running_now -= 1
         return {}
 
     async with (
         open_store("postgres", db_dsn) as store,
-        running(store, {"slow": slow}, concurrency=3) as runner,
+        running(store, {"slow": slow}, concurrency=3),
     ):
         await wait_until(
             lambda: conn.fetchval("select count(*) = 12 from job_queue where status = 'completed'")
