@@ -97,7 +97,8 @@ class Runner:
         self.last_store_error: str | None = None
         self.stopping = asyncio.Event()
         self.fatal: BaseException | None = None
-        self._slot_free = asyncio.Event()
+        self._slot_free = asyncio.Event()  # a handler returned: a slot is free
+        self._job_done = asyncio.Event()  # a job's outcome was recorded in the database
         self._running = 0  # handlers running: what WORKER_CONCURRENCY bounds
         self.completer = Completer(store, config.worker_id, self.metrics)
         # Read when scraped, not written per job.
@@ -191,7 +192,7 @@ class Runner:
                 await self._slot_free.wait()
                 continue
             want = min(free, self.config.claim_batch_max)
-            self._slot_free.clear()  # a job finishing during the call is a reason to claim again
+            self._job_done.clear()  # a job recorded during the call is a reason to claim again
             t0 = time.monotonic()
             try:
                 claimed = await self._claim_once(want)
@@ -227,10 +228,10 @@ class Runner:
                 idle = self.config.poll_interval_s
                 if len(claimed) == want:
                     continue  # a full batch: there may be more
-            # Nothing more for us right now (drained, or its users are at their caps): wait
-            # for a new job's notification, or for a local job to finish (a user's cap may
-            # have freed up), or for the poll interval.
-            woke = await self._wait_for_work(idle * random.uniform(0.5, 1.0))
+            # Nothing more for us right now: wait for a new job's notification or the poll
+            # interval. A short batch may also mean users at their caps: then a local job's
+            # outcome landing (one of theirs may be under the cap again) is a reason too.
+            woke = await self._wait_for_work(idle * random.uniform(0.5, 1.0), bool(claimed))
             if not claimed:
                 idle = (
                     self.config.poll_interval_s
@@ -238,12 +239,14 @@ class Runner:
                     else min(self.config.poll_max_interval_s, idle * 1.5)
                 )
 
-    async def _wait_for_work(self, seconds: float) -> bool:
-        """True when a notification or a finished local job cut the wait short."""
-        if self._slot_free.is_set():
+    async def _wait_for_work(self, seconds: float, on_job_done: bool) -> bool:
+        """True when a notification (or, if asked, a recorded local job) cut the wait short."""
+        if not on_job_done:
+            return await self.store.wait_for_work(seconds)
+        if self._job_done.is_set():
             return True
         notified = asyncio.ensure_future(self.store.wait_for_work(seconds))
-        slot = asyncio.ensure_future(self._slot_free.wait())
+        slot = asyncio.ensure_future(self._job_done.wait())
         try:
             done, _ = await asyncio.wait({notified, slot}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -381,7 +384,7 @@ class Runner:
                 if self.in_flight.get(claimed.job_id) is entry:
                     del self.in_flight[claimed.job_id]
                 self._free_slot(entry)
-                self._slot_free.set()  # recorded: its user may be under the cap again
+                self._job_done.set()  # recorded: its user may be under the cap again
 
     def _free_slot(self, entry: InFlight) -> None:
         if entry.holds_slot:

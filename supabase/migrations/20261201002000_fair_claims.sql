@@ -82,6 +82,13 @@ begin
     raise exception using errcode = 'PT400',
       message = format('claim_jobs: p_limit must be between 1 and 1000, not %s', p_limit);
   end if;
+  -- The claim's commit does not wait for its WAL flush (this transaction only). Safe: WAL
+  -- is flushed in order, so the worker's first durable write for the job (a heartbeat, a
+  -- chapter write, the completion) makes the claim durable first; and if the server crashes
+  -- before that, the claim and its audit rows are lost together, the job is pending again,
+  -- and every write of the worker that held it fails its fence (lease lost). What is lost
+  -- is at most a few hundred milliseconds of claims, never an effect.
+  perform set_config('synchronous_commit', 'off', true);
 
   update public.job_queue q
      set status = 'failed', completed_at = now(),

@@ -473,3 +473,21 @@ async def test_one_notification_per_job_type_per_statement(
         assert got.empty()
     finally:
         await listener.close()
+
+
+async def test_only_the_claims_own_transaction_skips_the_commit_flush(
+    conn: asyncpg.Connection,
+) -> None:
+    """claim_jobs commits without waiting for its WAL flush (README: why that is safe); the
+    setting is local to its transaction, and completions stay durable."""
+    await conn.execute("set synchronous_commit = on")
+    ids = await insert_jobs(conn, 1)
+    async with conn.transaction():
+        await claim_batch(conn, "w", 1)
+        assert await conn.fetchval("show synchronous_commit") == "off"
+    assert await conn.fetchval("show synchronous_commit") == "on"
+    async with conn.transaction():
+        await conn.fetch(
+            "select * from complete_jobs('w', $1::jsonb)", json.dumps([{"job_id": ids[0]}])
+        )
+        assert await conn.fetchval("show synchronous_commit") == "on"
