@@ -53,6 +53,7 @@ import measure
 from measure import (
     PgCpu,
     RssSampler,
+    Targets,
     counter_value,
     cpu_s,
     log_problems,
@@ -516,14 +517,14 @@ def compare_report(
             f"{name:<14}{med[name]:>8,.0f}  {f'({lo:,.0f}-{hi:,.0f})':<15}"
             f"{cpu:>12,.0f} us{pgc:>9,.0f} us"
         )
+    targets = Targets()
     ratio = med["genworker"] / med["pgqueuer"]
     lines += [
         "",
         f"genworker / pgqueuer      {ratio:.2f}x   (target >= 1.00x: "
-        f"{'PASS' if ratio >= 1.0 else 'FAIL'})",
+        f"{targets.check('drain >= pgqueuer', ratio >= 1.0)})",
         f"genworker / procrastinate {med['genworker'] / med['procrastinate']:.2f}x",
     ]
-    ok = ratio >= 1.0
     if lat:
         p50 = {n: pct(v, 50) * 1000 for n, v in lat.items()}
         for n, v in lat.items():
@@ -532,10 +533,9 @@ def compare_report(
                 f"max {max(v) * 1000:6.1f} ms  ({len(v)} probes, handler start - enqueue "
                 "commit, idle LISTENing worker)"
             )
-        lat_ok = p50["genworker"] <= p50["pgqueuer"]
-        ok = ok and lat_ok
+        verdict = targets.check("pickup p50 <= pgqueuer", p50["genworker"] <= p50["pgqueuer"])
         lines.append(
-            f"pickup p50 genworker <= pgqueuer: {'PASS' if lat_ok else 'FAIL'} "
+            f"pickup p50 genworker <= pgqueuer: {verdict} "
             f"({p50['genworker']:.1f} vs {p50['pgqueuer']:.1f} ms)"
         )
     lines.append(f"genworker log lines at WARNING or above: {problems}")
@@ -546,7 +546,7 @@ def compare_report(
     for line in lines:
         say(line)
     say("```")
-    return 0 if ok else 1
+    return targets.exit_code()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
