@@ -374,7 +374,8 @@ def report(
             f"no-op jobs, all completed in {t['elapsed_s']:.2f} s",
             f"             worker CPU {t['cpu_s'] / t['jobs'] * 1e6:,.0f} us/job "
             f"({t['cpu_s'] / t['elapsed_s']:.2f} cores); claim call mean "
-            f"{t['claim_mean_ms']:.2f} ms x {t['claims']:,} claims (one at a time)",
+            f"{t['claim_mean_ms']:.2f} ms x {t['claims']:,} claim calls (one at a time, up to "
+            f"{args.claim_batch} jobs each)",
         ]
     for r in lat:
         label = (
