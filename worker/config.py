@@ -280,6 +280,13 @@ VARIABLES: tuple[Variable, ...] = (
         field=None,
     ),
     _v("WORKER_CONCURRENCY", "50", "Jobs one process runs at once", _WORKER, _int(1, 500)),
+    _v(
+        "CLAIM_BATCH_MAX",
+        "25",
+        "Most jobs one claim call takes (it asks for min(free slots, this))",
+        _WORKER,
+        _int(1, 1000),
+    ),
     _v("JOB_TYPES", None, "Comma-separated job types to claim; empty = all", _WORKER, _names),
     _v("JOB_LANES", None, "Comma-separated lanes to claim; empty = all", _WORKER, _names),
     _v("POLL_INTERVAL_MS", "1000", "Poll delay when the queue runs empty", _WORKER, _int(50)),
@@ -434,6 +441,7 @@ class Settings:
     worker_id: str
     worker_id_source: WorkerIdSource
     worker_concurrency: int
+    claim_batch_max: int
     job_types: tuple[str, ...] | None
     job_lanes: tuple[str, ...] | None
     poll_interval_ms: int

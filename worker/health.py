@@ -24,6 +24,7 @@ from worker.store.base import StoreError
 
 LOOP_LAG_LIMIT_S = 5.0
 WATCHDOG_LIMIT_S = 120.0
+TOP_USERS = 10  # /status and /metrics show the busiest users only
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +144,38 @@ def build_app(runner: Runner, monitor: LoopMonitor) -> web.Application:
                 queue: Any = await runner.store.queue_stats()
         except (StoreError, TimeoutError) as exc:
             queue = {"error": str(exc)[:300]}
+        try:
+            async with asyncio.timeout(5):
+                users: Any = await runner.store.user_load(TOP_USERS)
+        except (StoreError, TimeoutError) as exc:
+            users = {"error": str(exc)[:300]}
         return web.json_response(
-            {"worker_id": runner.config.worker_id, "queue": queue, "in_flight": jobs}, dumps=_dumps
+            {
+                "worker_id": runner.config.worker_id,
+                "queue": queue,
+                "in_flight": jobs,
+                "users_in_flight": [
+                    {"user_id": u, "in_flight": n} for u, n in runner.users_in_flight(TOP_USERS)
+                ],
+                "user_load": users,
+                "claims": {
+                    "calls": runner.claim_calls,
+                    "jobs": runner.claimed_jobs,
+                    "mean_batch": round(runner.claimed_jobs / runner.claim_calls, 3)
+                    if runner.claim_calls
+                    else None,
+                    "last_batch": runner.last_claim_batch,
+                    "batch_max": runner.config.claim_batch_max,
+                },
+            },
+            dumps=_dumps,
         )
 
     async def metrics(_req: web.Request) -> web.Response:
+        gauge = runner.metrics.user_in_flight
+        gauge.clear()  # only the current top users: a bounded set of label values
+        for user, n in runner.users_in_flight(TOP_USERS):
+            gauge.labels(user).set(n)
         resp = web.Response(body=runner.metrics.render())
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp

@@ -52,6 +52,24 @@ class Metrics:
             registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
         )
+        self.claim_batch_size = Histogram(
+            "genworker_claim_batch_size",
+            "Jobs returned by one claim call (asked for: min(free slots, CLAIM_BATCH_MAX))",
+            registry=r,
+            buckets=(0, 1, 2, 5, 10, 25, 50, 100),
+        )
+        self.completion_batch_size = Histogram(
+            "genworker_completion_batch_size",
+            "Jobs completed by one completion call",
+            registry=r,
+            buckets=(1, 2, 5, 10, 25, 50, 100),
+        )
+        self.user_in_flight = Gauge(
+            "genworker_user_jobs_in_flight",
+            "Jobs running in this process per user, the busiest users only ('none': no user)",
+            ["user_id"],
+            registry=r,
+        )
         self.heartbeat_failures = Counter(
             "genworker_heartbeat_failures_total", "Heartbeat rounds that failed", registry=r
         )

@@ -73,6 +73,7 @@ def runner_config(settings: Settings) -> RunnerConfig:
     return RunnerConfig(
         worker_id=settings.worker_id,
         concurrency=settings.worker_concurrency,
+        claim_batch_max=settings.claim_batch_max,
         job_types=settings.job_types,
         job_lanes=settings.job_lanes,
         poll_interval_s=settings.poll_interval_ms / 1000,

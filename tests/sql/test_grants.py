@@ -47,8 +47,10 @@ ALLOWED: dict[tuple[str, str, str], str] = {
             "admin_pause_job(uuid)",
             "admin_resume_job(uuid)",
             "append_chapter_content(uuid,text,integer,text,integer,text,jsonb)",
+            "claim_jobs(text,text[],text[],integer)",
             "claim_next_job_v3(text,text[],text[])",
             "complete_job(uuid,text,jsonb)",
+            "complete_jobs(text,jsonb)",
             "enqueue_job(text,jsonb,integer,text,integer,double precision)",
             "finish_chapter(uuid,text)",
             "genworker_fence(uuid,text,integer,text)",
@@ -65,12 +67,15 @@ ALLOWED: dict[tuple[str, str, str], str] = {
             "start_chapter_generation(uuid,text,integer)",
             "story_progress(uuid,boolean)",
             "update_job_heartbeat(uuid,text)",
+            "user_load(integer)",
         )
     },
     ("table", "chapters", "service_role"): ALL_TABLE,
     ("table", "job_events", "service_role"): "SELECT",
     ("table", "job_lanes", "service_role"): ALL_TABLE,
     ("table", "job_queue", "service_role"): ALL_TABLE,
+    # Written only by the claim (as the service role); nobody else reads it.
+    ("table", "job_queue_user_state", "service_role"): "INSERT,SELECT,UPDATE",
     ("table", "stories", "service_role"): ALL_TABLE,
 }
 

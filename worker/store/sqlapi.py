@@ -48,6 +48,26 @@ class Store:
         )
         return ClaimedJob.from_row(rows[0]) if rows else None
 
+    async def claim_many(
+        self,
+        worker_id: str,
+        job_types: Sequence[str] | None,
+        job_lanes: Sequence[str] | None,
+        limit: int,
+    ) -> list[ClaimedJob]:
+        """Up to ``limit`` jobs, fairly across users, each with its full row (``claim_jobs``).
+        Never retried: a claim is not idempotent."""
+        rows = await self.transport.rows(
+            "claim_jobs",
+            {
+                "p_worker_id": worker_id,
+                "p_job_types": list(job_types) if job_types else None,
+                "p_job_lanes": list(job_lanes) if job_lanes else None,
+                "p_limit": limit,
+            },
+        )
+        return [ClaimedJob.from_full_row(r) for r in rows]
+
     @transport_retry
     async def get_job(self, job_id: str) -> Job | None:
         """Step two of the claim: the full row."""
@@ -80,6 +100,23 @@ class Store:
                 {"p_job_id": job_id, "p_worker_id": worker_id, "p_job_result": dict(result)},
             )
         )
+
+    @transport_retry
+    async def complete_many(
+        self, worker_id: str, results: Mapping[str, Mapping[str, Any]]
+    ) -> set[str]:
+        """Complete several jobs in one call (``complete_jobs``); the ids now completed by this
+        worker. Idempotent, so retried: a repeated call returns the same ids."""
+        if not results:
+            return set()
+        done = await self.transport.column(
+            "complete_jobs",
+            {
+                "p_worker_id": worker_id,
+                "p_results": [{"job_id": j, "result": dict(r)} for j, r in results.items()],
+            },
+        )
+        return {str(j) for j in done}
 
     @transport_retry
     async def fail(
@@ -115,6 +152,12 @@ class Store:
     @transport_retry
     async def queue_stats(self) -> dict[str, Any]:
         return dict(await self.transport.value("queue_stats", {}) or {})
+
+    @transport_retry
+    async def user_load(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The busiest (user, lane) groups across all workers: processing and pending counts,
+        the lane's cap and when a claim last served them (``user_load``)."""
+        return await self.transport.rows("user_load", {"p_limit": limit})
 
     async def ping(self) -> None:
         await self.transport.value("queue_stats", {})
