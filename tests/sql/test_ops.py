@@ -86,7 +86,7 @@ async def test_claim_plan_uses_an_index(conn: asyncpg.Connection, analyzed: bool
         for _ in range(3):
             for sql in (
                 "select * from claim_next_job_v3('plan-guard', null, null)",
-                "select * from claim_jobs('plan-guard', null, null, 25)",
+                "select * from claim_jobs('plan-guard', null, null, 25, 'gemini-3.5-flash')",
             ):
                 async with conn.transaction():
                     assert await conn.fetch(sql)
@@ -127,7 +127,9 @@ async def _claim_plan(conn: asyncpg.Connection) -> str | None:
     ):
         await conn.execute("set " + setting)
     async with conn.transaction():
-        await conn.fetch("select * from claim_jobs('plan-guard', null, null, 25)")
+        await conn.fetch(
+            "select * from claim_jobs('plan-guard', null, null, 25, 'gemini-3.5-flash')"
+        )
         await conn.execute("select 1")  # let the notices arrive
     return "\n".join(notices)
 
