@@ -224,9 +224,18 @@ VARIABLES: tuple[Variable, ...] = (
     _v(
         "GEMINI_REQUESTS_PER_MINUTE",
         "600",
-        "Request rate cap per process (0 = none); the quota is per project, so divide it",
+        "Local safety cap on requests per minute per process (0 = none); the fleet's "
+        "shared budget per model is the gemini_budgets table",
         _GEMINI,
         _int(0),
+    ),
+    _v(
+        "GEMINI_SHARED_BUDGET",
+        "on",
+        "on: every request takes from the fleet's budget in gemini_budgets and 429s cool the "
+        "model down for every instance; off: per-process limiting only",
+        _GEMINI,
+        _choice("on", "off"),
     ),
     _v(
         "GEMINI_CONNECT_TIMEOUT_S",
@@ -432,6 +441,7 @@ class Settings:
     gemini_base_url: str | None
     gemini_max_concurrent_streams: int
     gemini_requests_per_minute: int
+    gemini_shared_budget: str
     gemini_connect_timeout_s: float
     gemini_idle_timeout_s: float
     gemini_request_timeout_s: float

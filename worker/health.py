@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from worker import __version__
+from worker.generation.budget import FleetBudget
 from worker.runner import Runner
 from worker.store.base import StoreError
 
@@ -76,7 +77,9 @@ class LoopMonitor:
         return thread
 
 
-def health_report(runner: Runner, monitor: LoopMonitor) -> tuple[int, dict[str, Any]]:
+def health_report(
+    runner: Runner, monitor: LoopMonitor, budget: FleetBudget | None = None
+) -> tuple[int, dict[str, Any]]:
     problems: list[str] = []
     degraded: list[str] = []
     if runner.fatal is not None:
@@ -93,6 +96,10 @@ def health_report(runner: Runner, monitor: LoopMonitor) -> tuple[int, dict[str, 
         )
     if runner.heartbeat.consecutive_failures:
         degraded.append(f"{runner.heartbeat.consecutive_failures} heartbeat round(s) failed")
+    if budget is not None:
+        # A model out of its daily quota (or cooling down) is the fleet's state, not this
+        # process's fault: reported, still 200 (a restart would not help).
+        degraded.extend(budget.reasons())
     status = "unhealthy" if problems else "degraded" if degraded else "ok"
     if runner.stopping.is_set() and not problems:
         status = "stopping"
@@ -111,9 +118,11 @@ def health_report(runner: Runner, monitor: LoopMonitor) -> tuple[int, dict[str, 
     return (503 if problems else 200), body
 
 
-def build_app(runner: Runner, monitor: LoopMonitor) -> web.Application:
+def build_app(
+    runner: Runner, monitor: LoopMonitor, budget: FleetBudget | None = None
+) -> web.Application:
     async def health(_req: web.Request) -> web.Response:
-        code, body = health_report(runner, monitor)
+        code, body = health_report(runner, monitor, budget)
         return web.json_response(body, status=code)
 
     async def ready(_req: web.Request) -> web.Response:
@@ -167,6 +176,10 @@ def build_app(runner: Runner, monitor: LoopMonitor) -> web.Application:
                     "last_batch": runner.last_claim_batch,
                     "batch_max": runner.config.claim_batch_max,
                 },
+                "gemini_blocked": {
+                    model: {"reason": b.reason, "until": b.until, "detail": b.detail}
+                    for model, b in (budget.blocked if budget is not None else {}).items()
+                },
             },
             dumps=_dumps,
         )
@@ -176,6 +189,11 @@ def build_app(runner: Runner, monitor: LoopMonitor) -> web.Application:
         gauge.clear()  # only the current top users: a bounded set of label values
         for user, n in runner.users_in_flight(TOP_USERS):
             gauge.labels(user).set(n)
+        if budget is not None:
+            blocked = runner.metrics.model_blocked
+            blocked.clear()
+            for model, state in budget.blocked.items():
+                blocked.labels(model, state.reason).set(1)
         resp = web.Response(body=runner.metrics.render())
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
@@ -194,9 +212,14 @@ def _dumps(obj: Any) -> str:
 
 
 async def start_health_server(
-    runner: Runner, monitor: LoopMonitor, host: str, port: int
+    runner: Runner,
+    monitor: LoopMonitor,
+    host: str,
+    port: int,
+    *,
+    budget: FleetBudget | None = None,
 ) -> web.AppRunner:
-    app_runner = web.AppRunner(build_app(runner, monitor), access_log=None)
+    app_runner = web.AppRunner(build_app(runner, monitor, budget), access_log=None)
     await app_runner.setup()
     site = web.TCPSite(app_runner, host, port)
     await site.start()

@@ -40,6 +40,8 @@ class RunnerConfig:
     claim_batch_max: int = 25
     job_types: Sequence[str] | None = None
     job_lanes: Sequence[str] | None = None
+    # The model of chapter jobs that name none: the claim skips jobs whose model cannot run.
+    default_model: str | None = None
     poll_interval_s: float = 1.0
     poll_max_interval_s: float = 5.0
     heartbeat_interval_s: float = 10.0
@@ -266,7 +268,11 @@ class Runner:
         """
         call = asyncio.ensure_future(
             self.store.claim_many(
-                self.config.worker_id, self.config.job_types, self.config.job_lanes, want
+                self.config.worker_id,
+                self.config.job_types,
+                self.config.job_lanes,
+                want,
+                self.config.default_model,
             )
         )
         try:

@@ -120,6 +120,26 @@ def _as_dt(value: Any) -> datetime | None:
     return datetime.fromisoformat(str(value))
 
 
+@dataclass(frozen=True)
+class BudgetTake:
+    """One answer of ``gemini_budget_take``: granted, or how long to wait and why
+    ('rpm', 'tpm', 'rpd', 'cooldown', 'daily_exhausted'; ``until`` for the last two)."""
+
+    granted: bool
+    wait_s: float
+    reason: str
+    until: datetime | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> BudgetTake:
+        return cls(
+            granted=bool(row["granted"]),
+            wait_s=max(0.0, float(row["wait_s"] or 0.0)),
+            reason=str(row["reason"]),
+            until=_as_dt(row.get("until")),
+        )
+
+
 class BadJobRowError(StoreError):
     """A claimed job's row cannot be read (its payload, most often): that job fails as
     ``bad_payload`` on its first attempt; it is never an error of the claim loop."""

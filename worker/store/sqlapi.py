@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from worker.store.base import ClaimedJob, Job, transport_retry
+from worker.store.base import BudgetTake, ClaimedJob, Job, transport_retry
 from worker.store.transport import Transport
 
 
@@ -54,9 +54,12 @@ class Store:
         job_types: Sequence[str] | None,
         job_lanes: Sequence[str] | None,
         limit: int,
+        default_model: str | None = None,
     ) -> list[ClaimedJob]:
         """Up to ``limit`` jobs, fairly across users, each with its full row (``claim_jobs``).
-        Never retried: a claim is not idempotent."""
+        Chapter jobs whose model (``options.model``, else ``default_model``) is in a Gemini
+        cool-down or out of its daily quota are left pending. Never retried: a claim is not
+        idempotent."""
         rows = await self.transport.rows(
             "claim_jobs",
             {
@@ -64,6 +67,7 @@ class Store:
                 "p_job_types": list(job_types) if job_types else None,
                 "p_job_lanes": list(job_lanes) if job_lanes else None,
                 "p_limit": limit,
+                "p_default_model": default_model,
             },
         )
         return [ClaimedJob.from_full_row(r) for r in rows]
@@ -161,6 +165,45 @@ class Store:
 
     async def ping(self) -> None:
         await self.transport.value("queue_stats", {})
+
+    # -- the fleet's Gemini budget ----------------------------------------------------------
+    async def budget_take(self, model: str, tokens: int) -> BudgetTake:
+        """Take one request and ``tokens`` (an estimate) of ``model``'s shared budget, or
+        learn how long to wait. Not retried: a take is not idempotent (a lost answer
+        costs one request of budget, never an overshoot)."""
+        rows = await self.transport.rows(
+            "gemini_budget_take", {"p_model": model, "p_tokens": int(tokens)}
+        )
+        return BudgetTake.from_row(rows[0])
+
+    async def budget_settle(
+        self,
+        model: str,
+        reserved: int,
+        used: int,
+        *,
+        retry_after_s: float | None = None,
+        daily: bool = False,
+        reason: str | None = None,
+    ) -> None:
+        """Correct the reservation with the real usage; a 429's delay (``retry_after_s``)
+        or daily exhaustion becomes the fleet's cool-down for ``model``."""
+        await self.transport.value(
+            "gemini_budget_settle",
+            {
+                "p_model": model,
+                "p_reserved": int(reserved),
+                "p_used": int(used),
+                "p_retry_after_s": retry_after_s,
+                "p_daily": daily,
+                "p_reason": reason,
+            },
+        )
+
+    @transport_retry
+    async def budget_status(self) -> list[dict[str, Any]]:
+        """Every model's budget and shared state (cool-down, daily exhaustion)."""
+        return await self.transport.rows("gemini_budget_status", {})
 
     # -- chapter writes -------------------------------------------------------------
     @transport_retry
