@@ -301,9 +301,9 @@ async def test_claims_ask_for_the_free_slots_and_completions_go_in_batches(
     async with open_store(adapter, db_dsn) as store:
         real = store.claim_many
 
-        async def spy(worker_id, types, lanes, limit):  # type: ignore[no-untyped-def]
+        async def spy(worker_id, types, lanes, limit, *rest):  # type: ignore[no-untyped-def]
             asked.append(limit)
-            return await real(worker_id, types, lanes, limit)
+            return await real(worker_id, types, lanes, limit, *rest)
 
         store.claim_many = spy  # type: ignore[method-assign]
         async with running(store, {"noop": noop}, concurrency=10, claim_batch_max=4) as runner:

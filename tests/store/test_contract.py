@@ -895,3 +895,36 @@ async def test_read_chapter(store: Store, conn) -> None:
     tail = await store.read_chapter(cj.chapter, from_char=5)
     assert tail is not None and tail["content"] == "🌊 rising."
     assert await store.read_chapter("00000000-0000-4000-8000-000000000000") is None
+
+
+# -- the fleet's Gemini budget -------------------------------------------------------------
+
+
+async def test_budget_take_settle_and_status(store: Store, conn) -> None:
+    from worker.store.base import BudgetTake
+
+    free = await store.budget_take("m-unset", 100)
+    assert free == BudgetTake(granted=True, wait_s=0.0, reason="unbudgeted", until=None)
+    await conn.execute("insert into gemini_budgets (model, rpm, burst_s) values ('m-c', 60, 1)")
+    await conn.execute("update gemini_budgets set request_level = 1, refilled_at = now()")
+    assert (await store.budget_take("m-c", 10)).granted
+    empty = await store.budget_take("m-c", 10)
+    assert (empty.granted, empty.reason) == (False, "rpm") and empty.wait_s > 0
+    await store.budget_settle("m-c", 10, 7, retry_after_s=30.0, reason="429 from Gemini")
+    cool = await store.budget_take("m-c", 10)
+    assert (cool.granted, cool.reason) == (False, "cooldown") and is_aware(cool.until)
+    await store.budget_settle("m-d", 0, 0, daily=True, reason="PerDay quota")
+    status = {r["model"]: r for r in await store.budget_status()}
+    assert status["m-c"]["cooldown_reason"] == "429 from Gemini" and status["m-c"]["rpm"] == 60
+    assert status["m-d"]["daily_reason"] == "PerDay quota"
+    assert status["m-d"]["daily_exhausted_until"] is not None
+    with pytest.raises(InvalidInputError):
+        await store.budget_take("", 1)
+
+
+async def test_claim_many_leaves_jobs_whose_model_cannot_run(store: Store, conn) -> None:
+    blocked = await chapter_job(conn)
+    await store.budget_settle("gemini-blocked", 0, 0, retry_after_s=600)
+    assert await store.claim_many(A, None, None, 10, "gemini-blocked") == []
+    claimed = await store.claim_many(A, None, None, 10, "gemini-free")
+    assert [c.job_id for c in claimed] == [blocked.job]
