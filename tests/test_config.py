@@ -94,6 +94,7 @@ def test_table_and_settings_agree() -> None:
         "SUPABASE_SERVICE_ROLE_KEY",
         "GEMINI_API_KEY",
         "DATABASE_URL",
+        "DASHBOARD_TOKEN",
     }
     assert all(v.description and "\n" not in v.description for v in VARIABLES)
 
@@ -359,3 +360,49 @@ def test_dotenv_loaded_without_overriding_real_env(
         load_settings(dotenv=False)
     explicit = load_settings({**MINIMAL})  # an explicit mapping never reads .env
     assert explicit.poll_interval_ms == 1000
+
+
+# ----------------------------------------------------------------------------- dashboard
+
+DASH_TOKEN = "dash-token-0123456789abcdef"
+
+
+def dashboard(**env: str) -> Settings:
+    return load_settings({"DATABASE_URL": DSN, **env}, scope="dashboard")
+
+
+def dashboard_problems(**env: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        dashboard(**env)
+    return caught.value.problems
+
+
+def test_dashboard_defaults_to_loopback_without_a_gemini_key() -> None:
+    s = dashboard()
+    assert (s.dashboard_host, s.dashboard_port, s.dashboard_token) == ("127.0.0.1", 10001, None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "dashboard.internal"])
+def test_dashboard_off_loopback_requires_a_token(host: str) -> None:
+    [problem] = dashboard_problems(DASHBOARD_HOST=host)
+    assert problem.startswith("DASHBOARD_TOKEN: required when DASHBOARD_HOST")
+    assert dashboard(DASHBOARD_HOST=host, DASHBOARD_TOKEN=DASH_TOKEN).dashboard_host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.0.1", "::1", "localhost", "[::1]"])
+def test_loopback_hosts_need_no_token(host: str) -> None:
+    assert dashboard(DASHBOARD_HOST=host).dashboard_token is None
+
+
+def test_dashboard_token_is_a_secret_of_some_length() -> None:
+    found = dashboard_problems(DASHBOARD_TOKEN="short", DASHBOARD_PORT="99999")
+    assert [p.split(":")[0] for p in found] == ["DASHBOARD_PORT", "DASHBOARD_TOKEN"]
+    assert "must be at least 16 characters" in found[1] and "short" not in found[1]
+    s = dashboard(DASHBOARD_TOKEN=DASH_TOKEN)
+    assert DASH_TOKEN not in repr(s) and DASH_TOKEN not in str(s.safe_dict())
+    assert logs.redact(f"token={DASH_TOKEN}") != f"token={DASH_TOKEN}"
+
+
+def test_worker_ignores_dashboard_problems() -> None:
+    s = load(DASHBOARD_HOST="0.0.0.0", DASHBOARD_PORT="not-a-port")
+    assert s.worker_id and s.dashboard_port is None

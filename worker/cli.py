@@ -38,6 +38,7 @@ COMMANDS = (
     "resume",
     "requeue",
     "migrate",
+    "dashboard",
 )
 
 
@@ -267,6 +268,18 @@ async def _follow(store: Store, chapter_id: str, interval: float) -> int:
                 print()
             return _chapter_outcome(ch)
         await asyncio.sleep(interval)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import os
+
+    overrides = {"DASHBOARD_HOST": args.host, "DASHBOARD_PORT": args.port}
+    os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})
+    settings = _settings("dashboard")
+    _logging(settings)
+    from worker.dashboard.app import serve
+
+    return asyncio.run(serve(settings, host=settings.dashboard_host, port=settings.dashboard_port))
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -560,6 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--json", action="store_true", help="the whole row as JSON (not --follow)")
     show.set_defaults(fn=cmd_show)
+
+    dash = sub.add_parser(
+        "dashboard",
+        help="the operator web dashboard (127.0.0.1:10001 by default)",
+        description="Serve the queue dashboard: overview, jobs, job detail, live progress, "
+        "and confirmed cancel/pause/resume/retry. Binds DASHBOARD_HOST (127.0.0.1); any "
+        "other address requires DASHBOARD_TOKEN.",
+    )
+    dash.add_argument("--host", help="overrides DASHBOARD_HOST")
+    dash.add_argument("--port", type=int, help="overrides DASHBOARD_PORT")
+    dash.set_defaults(fn=cmd_dashboard)
     return p
 
 

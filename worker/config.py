@@ -14,6 +14,7 @@ in error messages.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -29,8 +30,15 @@ from dotenv import dotenv_values
 
 from worker.logs import FORMATS, LEVELS, MASK, redact, register_secret
 
-GROUPS = ("Supabase / Database", "Gemini", "Worker", "Health & logging", "Platform-provided")
-_STORE, _GEMINI, _WORKER, _HEALTH, _PLATFORM = GROUPS
+GROUPS = (
+    "Supabase / Database",
+    "Gemini",
+    "Worker",
+    "Health & logging",
+    "Dashboard",
+    "Platform-provided",
+)
+_STORE, _GEMINI, _WORKER, _HEALTH, _DASHBOARD, _PLATFORM = GROUPS
 
 
 class Invalid(ValueError):
@@ -388,6 +396,20 @@ VARIABLES: tuple[Variable, ...] = (
         _choice(*FORMATS),
     ),
     _v(
+        "DASHBOARD_HOST",
+        "127.0.0.1",
+        "Address `genworker dashboard` binds; any non-loopback address requires DASHBOARD_TOKEN",
+        _DASHBOARD,
+    ),
+    _v("DASHBOARD_PORT", "10001", "Port of `genworker dashboard`", _DASHBOARD, _int(1, 65535)),
+    _v(
+        "DASHBOARD_TOKEN",
+        None,
+        "Dashboard login token (at least 16 characters); required off loopback",
+        _DASHBOARD,
+        secret=True,
+    ),
+    _v(
         "PORT",
         None,
         "Set by some platforms; the health port when HEALTH_CHECK_PORT is unset",
@@ -470,6 +492,9 @@ class Settings:
     app_env: str
     log_level: str
     log_format: str
+    dashboard_host: str
+    dashboard_port: int
+    dashboard_token: str | None
 
     @property
     def store_kind(self) -> Literal["postgres", "supabase"]:
@@ -612,13 +637,15 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     *,
     dotenv: bool = True,
-    scope: Literal["worker", "store"] = "worker",
+    scope: Literal["worker", "store", "dashboard"] = "worker",
 ) -> Settings:
     """Read, validate and return the settings, or raise one ``ConfigError`` for all problems.
 
     ``environ`` replaces the process environment (and disables ``.env``), for tests.
     ``scope="store"`` validates only the database variables: operator commands
-    (status, enqueue, requeue) need no Gemini key.
+    (status, enqueue, requeue) need no Gemini key. ``scope="dashboard"`` adds the
+    DASHBOARD_* variables and refuses a non-loopback bind without a token; the other
+    scopes ignore DASHBOARD_* problems (a dashboard typo never stops a worker).
     """
     env = _environment(environ, dotenv)
     _register_secrets(env)
@@ -660,16 +687,49 @@ def load_settings(
 
     given = {variable.name for variable in VARIABLES if _get(env, variable.name)}
     problems += _cross_checks(values, given)
-    if scope == "store":
-        store_names = {v.name for v in VARIABLES if v.group == _STORE}
+    store_names = {v.name for v in VARIABLES if v.group == _STORE}
+    dashboard_names = {v.name for v in VARIABLES if v.group == _DASHBOARD}
+    if scope == "dashboard":
+        problems += _dashboard_checks(values)
+    if scope in ("store", "dashboard"):
+        keep = store_names | (dashboard_names if scope == "dashboard" else set())
         problems = [
-            p for p in problems if p.split(":")[0] in store_names or p.startswith("DATABASE_URL or")
+            p for p in problems if p.split(":")[0] in keep or p.startswith("DATABASE_URL or")
         ]
+    else:
+        problems = [p for p in problems if p.split(":")[0] not in dashboard_names]
     if problems:
         raise ConfigError(problems)
     if values["gemini_allowed_models"] is None:
         values["gemini_allowed_models"] = (values["gemini_model"],)
     return Settings(**values)
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _dashboard_checks(values: dict[str, Any]) -> list[str]:
+    """The dashboard can cancel anyone's job: off loopback it must ask for a token."""
+    problems: list[str] = []
+    token, host = values["dashboard_token"], values["dashboard_host"]
+    if token is not None and len(token) < 16:
+        problems.append(
+            "DASHBOARD_TOKEN: must be at least 16 characters; generate one with "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    if host and not is_loopback(host) and token is None:
+        problems.append(
+            f"DASHBOARD_TOKEN: required when DASHBOARD_HOST is not a loopback address "
+            f"(got {host!r}); the dashboard refuses to serve other machines without a login"
+        )
+    return problems
 
 
 def _cross_checks(values: dict[str, Any], given: set[str]) -> list[str]:

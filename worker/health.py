@@ -24,6 +24,7 @@ from worker.runner import Runner
 from worker.store.base import StoreError
 
 LOOP_LAG_LIMIT_S = 5.0
+QUEUE_GAUGES_EVERY_S = 10.0  # at most one queue_stats() per this many seconds of scrapes
 WATCHDOG_LIMIT_S = 120.0
 TOP_USERS = 10  # /status and /metrics show the busiest users only
 
@@ -184,6 +185,8 @@ def build_app(
             dumps=_dumps,
         )
 
+    refreshed = {"at": -QUEUE_GAUGES_EVERY_S}
+
     async def metrics(_req: web.Request) -> web.Response:
         gauge = runner.metrics.user_in_flight
         gauge.clear()  # only the current top users: a bounded set of label values
@@ -194,6 +197,16 @@ def build_app(
             blocked.clear()
             for model, state in budget.blocked.items():
                 blocked.labels(model, state.reason).set(1)
+        # Queue-wide gauges (backlog, oldest pending age) for alerting, refreshed at scrape
+        # time; a failed refresh keeps the last values and shows in the store error count.
+        if time.monotonic() - refreshed["at"] >= QUEUE_GAUGES_EVERY_S:
+            refreshed["at"] = time.monotonic()
+            try:
+                async with asyncio.timeout(5):
+                    runner.metrics.set_queue(await runner.store.queue_stats())
+            except (StoreError, TimeoutError) as exc:
+                runner.metrics.store_errors.labels("queue_stats").inc()
+                log.debug("queue gauges not refreshed: %s", exc)
         resp = web.Response(body=runner.metrics.render())
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp

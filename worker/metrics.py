@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+QUEUE_STATUSES = ("pending", "processing", "paused", "completed", "failed", "cancelled")
 
 
 class Metrics:
@@ -114,6 +119,27 @@ class Metrics:
             "Bytes of text, steps and checkpoints sent in chapter writes",
             registry=r,
         )
+
+        # The whole queue, not this process: the same on every instance (alert on max()).
+        # Refreshed from queue_stats() when /metrics is scraped (worker/health.py).
+        self.queue_jobs = Gauge(
+            "genworker_queue_jobs",
+            "Jobs in the queue by status (whole database, refreshed at scrape)",
+            ["status"],
+            registry=r,
+        )
+        self.queue_oldest_pending_age = Gauge(
+            "genworker_queue_oldest_pending_age_seconds",
+            "Age of the oldest due pending job, 0 when none (whole database, refreshed at scrape)",
+            registry=r,
+        )
+
+    def set_queue(self, stats: Mapping[str, Any]) -> None:
+        """Copy a ``queue_stats()`` answer into the queue gauges."""
+        by_status = stats.get("by_status") or {}
+        for status in QUEUE_STATUSES:
+            self.queue_jobs.labels(status).set(int(by_status.get(status) or 0))
+        self.queue_oldest_pending_age.set(float(stats.get("oldest_pending_age_s") or 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

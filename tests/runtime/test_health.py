@@ -101,6 +101,35 @@ async def test_metrics(served) -> None:
     # The two jobs came in one claim call of two.
     assert 'genworker_claim_batch_size_bucket{le="1.0"} ' in text
     assert "genworker_claim_batch_size_sum 2.0" in text
+    # Queue-wide gauges for alerting, from queue_stats() at scrape time.
+    assert 'genworker_queue_jobs{status="processing"} 2.0' in text
+    assert 'genworker_queue_jobs{status="pending"} 0.0' in text
+    assert "genworker_queue_oldest_pending_age_seconds 0.0" in text
+
+
+async def test_queue_gauges_follow_the_queue(db_dsn, conn) -> None:  # type: ignore[no-untyped-def]
+    from worker.metrics import Metrics
+    from worker.runner import Runner, RunnerConfig
+
+    await insert_jobs(conn, 3, job_type="noop")
+    await conn.execute("update job_queue set scheduled_at = now() - interval '90 seconds'")
+    async with open_store("postgres", db_dsn) as store:
+        runner = Runner(store, RunnerConfig(worker_id="w"), {}, Metrics())
+        port = free_port()
+        site = await start_health_server(runner, LoopMonitor(), "127.0.0.1", port)
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                    text = await resp.text()
+        finally:
+            await site.cleanup()
+    assert 'genworker_queue_jobs{status="pending"} 3.0' in text
+    [age] = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("genworker_queue_oldest_pending_age_seconds ")
+    ]
+    assert age >= 90
 
 
 async def test_unhealthy_when_a_side_task_dies(served) -> None:

@@ -155,10 +155,8 @@ async def test_lost_lease_cancels_handler_and_stops_writes(db_dsn: str, conn) ->
     )
     await conn.execute("update chapters set generation_job_id = $1 where id = $2", jid, chapter)
     stopped = asyncio.Event()
-    refused = 0
 
     async def writer(ctx: JobContext) -> dict:
-        nonlocal refused
         await ctx.store.start_chapter(ctx.job.id, ctx.worker_id, 100)
         offset = 0
         try:
@@ -171,7 +169,6 @@ async def test_lost_lease_cancels_handler_and_stops_writes(db_dsn: str, conn) ->
                     progress=20,
                     current_step="s",
                 ):
-                    refused += 1
                     raise LeaseLost("append refused")
                 offset += 1
                 await asyncio.sleep(0.02)
@@ -193,7 +190,9 @@ async def test_lost_lease_cancels_handler_and_stops_writes(db_dsn: str, conn) ->
         after = await conn.fetchval(
             "select char_length(content) from chapters where id = $1", chapter
         )
-    assert after == stolen_at and refused == 1
+    # Whichever sees the theft first stops the handler: the fenced append (refused) or the
+    # heartbeat (cancel); on a loaded machine either can win. No write lands after it.
+    assert after == stolen_at
     job = await conn.fetchrow("select status, worker_id from job_queue where id = $1", jid)
     assert (job["status"], job["worker_id"]) == ("processing", "thief")
 

@@ -74,6 +74,12 @@ ALLOWED: dict[tuple[str, str, str], str] = {
             "story_progress(uuid,boolean)",
             "update_job_heartbeat(uuid,text)",
             "user_load(integer)",
+            # genworker dashboard (20261201005000_dashboard.sql).
+            "dashboard_job(uuid)",
+            "dashboard_jobs(text,text,uuid,timestamp with time zone,timestamp with time zone,"
+            "integer,integer)",
+            "dashboard_live()",
+            "dashboard_overview(integer)",
         )
     },
     ("table", "chapters", "service_role"): ALL_TABLE,

@@ -367,3 +367,53 @@ class Store:
         return await self.transport.rows(
             "story_progress", {"p_story_id": story_id, "p_with_content": with_content}
         )
+
+    # -- dashboard (operators) ----------------------------------------------------------
+    async def dashboard_overview(self, recent_minutes: int = 15) -> dict[str, Any]:
+        """queue_stats plus lanes, the last hour per minute and the workers seen recently."""
+        return dict(
+            await self.transport.value("dashboard_overview", {"p_recent_minutes": recent_minutes})
+            or {}
+        )
+
+    async def dashboard_jobs(
+        self,
+        *,
+        status: str | None = None,
+        job_type: str | None = None,
+        user_id: str | None = None,
+        created_from: datetime | None = None,
+        created_to: datetime | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> dict[str, Any]:
+        """One page of jobs, newest first: ``{"jobs": [...], "has_more": bool}``."""
+        return dict(
+            await self.transport.value(
+                "dashboard_jobs",
+                {
+                    "p_status": status,
+                    "p_job_type": job_type,
+                    "p_user_id": user_id,
+                    "p_created_from": created_from,
+                    "p_created_to": created_to,
+                    "p_limit": limit,
+                    "p_offset": offset,
+                },
+            )
+            or {}
+        )
+
+    async def dashboard_job(self, job_id: str) -> dict[str, Any] | None:
+        """A job with its events and chapter, or None when there is no such job.
+
+        Payloads and errors arrive as text, whatever their depth (docs/dashboard.md §2).
+        """
+        detail: dict[str, Any] | None = await self.transport.value(
+            "dashboard_job", {"p_job_id": job_id}
+        )
+        return detail
+
+    async def dashboard_live(self) -> dict[str, Any]:
+        """Jobs in flight with their chapter's progress (polled by the live view)."""
+        return dict(await self.transport.value("dashboard_live", {}) or {})
