@@ -55,8 +55,9 @@ class Store:
         job_lanes: Sequence[str] | None,
         limit: int,
     ) -> list[ClaimedJob]:
-        """Up to ``limit`` jobs, fairly across users, each with its full row (``claim_jobs``).
-        Never retried: a claim is not idempotent."""
+        """Up to ``limit`` jobs (at most the transport's ``claim_batch_max``), fairly across
+        users, each with its full row (``claim_jobs``). Never retried: not idempotent."""
+        limit = min(limit, self.transport.claim_batch_max)
         rows = await self.transport.rows(
             "claim_jobs",
             {
