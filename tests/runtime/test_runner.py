@@ -315,8 +315,10 @@ async def test_claims_ask_for_the_free_slots_and_completions_go_in_batches(
             calls, completed = _histogram(runner.metrics.completion_batch_size)
             claims, claimed = _histogram(runner.metrics.claim_batch_size)
     assert asked[0] == 4 and all(1 <= n <= 4 for n in asked)
-    assert completed == 40 and 1 <= calls < 40
     assert claimed == 40 and claims >= 10
+    assert completed == 40 and 1 <= calls <= 40
+    if adapter == "postgres":  # over REST each claim answer carries one job (supabase.py)
+        assert calls < 40
     events = await conn.fetch(
         "select job_id::text, count(*) filter (where to_status = 'processing') as p,"
         " count(*) filter (where to_status = 'completed') as c"

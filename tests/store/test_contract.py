@@ -115,6 +115,15 @@ async def test_claim_orders_by_priority(store: Store, conn) -> None:
 # -- batch claim (claim_jobs) ----------------------------------------------------------------
 
 
+async def _claim_all(store: Store, worker: str, limit: int) -> list[ClaimedJob]:
+    """Claim until the claim comes back empty (the REST transport takes one job per call)."""
+    got: list[ClaimedJob] = []
+    while batch := await store.claim_many(worker, None, None, limit):
+        assert len(batch) <= min(limit, store.transport.claim_batch_max)
+        got += batch
+    return got
+
+
 async def _users_jobs(conn, n_by_user: dict[str | None, int]) -> dict[str | None, list[str]]:
     return {
         u: [await insert_job(conn, user=u, payload={"i": i}) for i in range(n)]
@@ -126,7 +135,7 @@ async def test_claim_many_returns_full_rows_fair_and_capped(store: Store, conn) 
     """Default cap 3 per user and lane; jobs without a user are not capped."""
     ua, ub = await create_user(conn), await create_user(conn)
     jobs = await _users_jobs(conn, {ua: 5, ub: 1, None: 2})
-    claimed = await store.claim_many(A, None, None, 10)
+    claimed = await _claim_all(store, A, 10)
     assert sorted(c.job_id for c in claimed) == sorted(jobs[ua][:3] + jobs[ub] + jobs[None])
     for c in claimed:
         assert isinstance(c, ClaimedJob) and isinstance(c.job, Job) and c.payload_error is None
@@ -154,7 +163,7 @@ async def test_claim_many_filters_and_limit(store: Store, conn) -> None:
     assert [c.job_type for c in await store.claim_many(A, None, None, 5)] == ["b"]
 
 
-@pytest.mark.parametrize("limit", [0, 1001])
+@pytest.mark.parametrize("limit", [0, -1])
 async def test_claim_many_rejects_a_bad_limit(store: Store, limit: int) -> None:
     with pytest.raises(InvalidInputError):
         await store.claim_many(A, None, None, limit)
@@ -177,7 +186,7 @@ def test_a_batch_row_that_cannot_be_read_keeps_its_id_and_error() -> None:
 
 async def test_complete_many_is_fenced_and_idempotent(store: Store, conn) -> None:
     ids = [await insert_job(conn) for _ in range(3)]
-    assert len(await store.claim_many(A, None, None, 3)) == 3
+    assert len(await _claim_all(store, A, 3)) == 3
     await conn.execute("update job_queue set status = 'cancelled' where id = $1", ids[2])
     results = {j: {"n": k, "text": "é\u2028"} for k, j in enumerate(ids)}
     assert await store.complete_many(B, results) == set()
@@ -198,7 +207,8 @@ async def test_complete_many_rejects_a_bad_id(store: Store) -> None:
 async def test_user_load(store: Store, conn) -> None:
     ua = await create_user(conn)
     await _users_jobs(conn, {ua: 4, None: 1})
-    await store.claim_many(A, None, None, 2)
+    await store.claim_many(A, None, None, 1)
+    await store.claim_many(A, None, None, 1)
     load = await store.user_load(10)
     got = {(r["user_id"], r["job_lane"]): (r["processing"], r["pending"]) for r in load}
     assert got == {(ua, "default"): (1, 3), (None, "default"): (1, 0)}

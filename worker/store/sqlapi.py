@@ -56,10 +56,11 @@ class Store:
         limit: int,
         default_model: str | None = None,
     ) -> list[ClaimedJob]:
-        """Up to ``limit`` jobs, fairly across users, each with its full row (``claim_jobs``).
-        Chapter jobs whose model (``options.model``, else ``default_model``) is in a Gemini
-        cool-down or out of its daily quota are left pending. Never retried: a claim is not
-        idempotent."""
+        """Up to ``limit`` jobs (at most the transport's ``claim_batch_max``), fairly across
+        users, each with its full row (``claim_jobs``). Chapter jobs whose model
+        (``options.model``, else ``default_model``) is in a Gemini cool-down or out of its
+        daily quota are left pending. Never retried: not idempotent."""
+        limit = min(limit, self.transport.claim_batch_max)
         rows = await self.transport.rows(
             "claim_jobs",
             {
