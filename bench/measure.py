@@ -118,6 +118,32 @@ class Targets:
         return 0
 
 
+class PgCpu:
+    """CPU seconds used by a LocalCluster's server processes (postmaster + backends).
+
+    Read from the postmaster: its own time, its reaped children's (backends that exited)
+    and its live children's, so a backend that ends between two readings still counts.
+    Needs psutil (the bench extra).
+    """
+
+    def __init__(self, datadir: Path) -> None:
+        import psutil
+
+        pid = int((datadir / "postmaster.pid").read_text().split()[0])
+        self._pm = psutil.Process(pid)
+
+    def total(self) -> float:
+        t = self._pm.cpu_times()
+        live = 0.0
+        for child in self._pm.children(recursive=True):
+            try:
+                c = child.cpu_times()
+            except Exception:  # it exited meanwhile: now in the reaped total
+                continue
+            live += c.user + c.system
+        return t.user + t.system + t.children_user + t.children_system + live
+
+
 def cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime

@@ -2,9 +2,12 @@
 
     .venv/bin/python bench/queue_throughput.py            # 5,000 jobs + 2 x 200 latency probes
     .venv/bin/python bench/queue_throughput.py --quick    # a smaller run (about 20 s)
+    .venv/bin/python bench/queue_throughput.py --compare  # side by side with pgqueuer and
+                                                          # procrastinate (the bench extra)
 
-(the project's .venv has the dependencies; ``python3 dev.py test`` creates it). It states
-no target, so it exits 0 unless the run itself fails.
+(the project's .venv has the dependencies; ``python3 dev.py test`` creates it; the peers of
+``--compare`` come with ``.venv/bin/pip install -e '.[bench]'``). Without ``--compare`` it
+states no target, so it exits 0 unless the run itself fails.
 
 What it measures, on a throwaway local PostgreSQL (LocalCluster, same machine):
 
@@ -18,6 +21,15 @@ What it measures, on a throwaway local PostgreSQL (LocalCluster, same machine):
    LISTEN/NOTIFY (``listen=True``) and polling only (``listen=False``) with the
    production poll settings (POLL_INTERVAL_MS=1000, POLL_MAX_INTERVAL_MS=5000).
 3. Peak RSS of this process (ru_maxrss, and psutil samples when installed).
+
+``--compare`` instead drains the same number of no-op jobs with genworker (concurrency 50,
+claim batch 25), pgqueuer (its best configuration: batch size 25, max_concurrent_tasks 50)
+and procrastinate (concurrency 50) on the same database, ``--rounds`` times in rotating
+order, with fsync and synchronous_commit ON (``--no-durable`` to leave them off); prints
+jobs/s, worker CPU and PostgreSQL CPU per job for each and the ratios; then the pickup
+latency (handler start - enqueue commit) into an idle LISTENing worker, genworker and
+pgqueuer. Exits 1 when a target fails: genworker's drain >= 1.0x pgqueuer's (medians of
+the rounds) and genworker's pickup p50 <= pgqueuer's.
 
 Logging is set up as in production (JSON lines at INFO, ``--log-level``) but
 written to a temporary file; warnings and errors are counted and shown.
@@ -39,7 +51,9 @@ from typing import Any
 import asyncpg
 import measure
 from measure import (
+    PgCpu,
     RssSampler,
+    Targets,
     counter_value,
     cpu_s,
     log_problems,
@@ -77,6 +91,7 @@ def runner_config(args: argparse.Namespace, worker_id: str) -> RunnerConfig:
     return RunnerConfig(
         worker_id=worker_id,
         concurrency=args.concurrency,
+        claim_batch_max=args.claim_batch,
         poll_interval_s=args.poll_interval,
         poll_max_interval_s=args.poll_max,
         heartbeat_interval_s=args.heartbeat,
@@ -95,7 +110,11 @@ async def wait_for(predicate: Any, timeout: float, what: str) -> None:  # noqa: 
 
 
 async def throughput(
-    args: argparse.Namespace, dsn: str, admin: asyncpg.Connection, analyze: bool
+    args: argparse.Namespace,
+    dsn: str,
+    admin: asyncpg.Connection,
+    analyze: bool,
+    pg: PgCpu | None = None,
 ) -> dict[str, Any]:
     from tests.support.seed import insert_jobs
 
@@ -107,13 +126,17 @@ async def throughput(
     store = await Store(PostgresTransport(dsn, pool_size=args.pool_size, listen=True)).open()
     worker_id = f"bench-tput-{'analyzed' if analyze else 'fresh'}"
     try:
+        pg0 = pg.total() if pg else 0.0
         cpu0, t0 = cpu_s(), time.monotonic()
         async with running(store, {"noop": noop}, runner_config(args, worker_id)) as runner:
             done = runner.metrics.completed.labels("noop")
             await wait_for(lambda: counter_value(done) >= args.jobs, args.timeout, "all jobs")
             elapsed = time.monotonic() - t0
             cpu = cpu_s() - cpu0
+            pg_cpu = pg.total() - pg0 if pg else 0.0
             claim_mean, claims = histogram_mean(runner.metrics.claim_seconds)
+            claim_batch, _ = histogram_mean(runner.metrics.claim_batch_size)
+            done_batch, done_calls = histogram_mean(runner.metrics.completion_batch_size)
             failed = counter_value(runner.metrics.failed) + counter_value(runner.metrics.retried)
     finally:
         await store.close()
@@ -134,9 +157,13 @@ async def throughput(
         "jobs_per_s": args.jobs / elapsed,
         "db_span_s": float(row["db_span"]),
         "cpu_s": cpu,
+        "pg_cpu_s": pg_cpu,
         "insert_s": insert_s,
         "claim_mean_ms": claim_mean * 1000,
         "claims": claims,
+        "claim_batch": claim_batch,
+        "done_batch": done_batch,
+        "done_calls": done_calls,
         "analyze": analyze,
     }
 
@@ -201,6 +228,7 @@ async def latency(
         "mean_ms": statistics.fmean(lat) * 1000,
         "commit_p50_ms": pct(from_commit, 50) * 1000,
         "commit_p95_ms": pct(from_commit, 95) * 1000,
+        "from_commit": from_commit,
         "notifications": transport.notifications,
     }
 
@@ -257,6 +285,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "table autovacuum has not analyzed yet), after ANALYZE, or both",
     )
     p.add_argument("--skip-latency", action="store_true", help="throughput only")
+    p.add_argument(
+        "--claim-batch", type=int, default=25, help="CLAIM_BATCH_MAX: jobs per claim call"
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="side by side with pgqueuer and procrastinate (the bench extra)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="--compare: interleaved rounds")
+    p.add_argument(
+        "--no-durable",
+        dest="durable",
+        action="store_false",
+        help="--compare: leave fsync and synchronous_commit off (LocalCluster's defaults)",
+    )
+    p.add_argument("--peer-batch", type=int, default=25, help="--compare: pgqueuer batch_size")
     args = p.parse_args(argv)
     if args.gap_ms[0] > args.gap_ms[1] or args.gap_ms[0] < 0:
         p.error("--gap-ms: MIN must be >= 0 and <= MAX")
@@ -269,6 +313,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> int:
     measure.repo_on_path()
+    if args.compare:
+        return await compare(args)
     rss = RssSampler()
     async with throwaway_database() as (cluster, admin, server_version):
         dsn = cluster.dsn()
@@ -328,7 +374,8 @@ def report(
             f"no-op jobs, all completed in {t['elapsed_s']:.2f} s",
             f"             worker CPU {t['cpu_s'] / t['jobs'] * 1e6:,.0f} us/job "
             f"({t['cpu_s'] / t['elapsed_s']:.2f} cores); claim call mean "
-            f"{t['claim_mean_ms']:.2f} ms x {t['claims']:,} claims (one at a time)",
+            f"{t['claim_mean_ms']:.2f} ms x {t['claims']:,} claim calls (one at a time, up to "
+            f"{args.claim_batch} jobs each)",
         ]
     for r in lat:
         label = (
@@ -362,6 +409,145 @@ def report(
     for line in lines:
         say(line)
     say("```")
+
+
+# -- side by side -----------------------------------------------------------------------------
+
+
+async def compare(args: argparse.Namespace) -> int:
+    """genworker, pgqueuer and procrastinate drain the same no-op jobs, interleaved."""
+    import peers
+
+    peers.quiet()
+    async with throwaway_database() as (cluster, admin, server_version):
+        dsn = cluster.dsn()
+        if args.durable:
+            await admin.execute("alter system set fsync = on")
+            await admin.execute("alter system set synchronous_commit = on")
+            await admin.execute("select pg_reload_conf()")
+        pg = PgCpu(cluster.datadir)
+        await peers.pgqueuer_install(dsn)
+        await peers.procrastinate_install(dsn)
+        runs: dict[str, list[dict[str, float]]] = {n: [] for n in PEERS}
+        with logs_to_file(args.log_level) as log_path:
+            for r in range(args.rounds):
+                order = PEERS[r % len(PEERS) :] + PEERS[: r % len(PEERS)]
+                for name in order:
+                    say(f"round {r + 1}/{args.rounds}: {name} drains {args.jobs:,} no-op jobs ...")
+                    runs[name].append(await drain(name, args, dsn, admin, pg))
+            lat: dict[str, list[float]] = {}
+            if not args.skip_latency:
+                say(f"pickup latency: genworker, {args.latency_jobs} probes ...")
+                g = await latency(args, dsn, admin, True)
+                lat["genworker"] = g["from_commit"]
+                say(f"pickup latency: pgqueuer, {args.latency_jobs} probes ...")
+                lat["pgqueuer"] = await peers.pgqueuer_pickup(
+                    dsn,
+                    args.latency_jobs,
+                    (args.gap_ms[0] / 1000, args.gap_ms[1] / 1000),
+                    args.idle_s,
+                    args.peer_batch,
+                    args.concurrency,
+                )
+        problems, first = log_problems(log_path)
+        log_path.unlink()
+    return compare_report(args, runs, lat, server_version, problems, first)
+
+
+PEERS = ["genworker", "pgqueuer", "procrastinate"]
+
+
+async def drain(
+    name: str, args: argparse.Namespace, dsn: str, admin: asyncpg.Connection, pg: PgCpu
+) -> dict[str, float]:
+    import peers
+
+    if name == "genworker":
+        t = await throughput(args, dsn, admin, False, pg)
+        await admin.execute("delete from job_queue")  # keep every round's table alike
+        say(
+            f"  {t['jobs_per_s']:,.0f} jobs/s; {t['claims']} claims of {t['claim_batch']:.1f} "
+            f"jobs, {t['done_calls']} completion calls of {t['done_batch']:.1f} on average"
+        )
+        return {"jobs_per_s": t["jobs_per_s"], "cpu_s": t["cpu_s"], "pg_cpu_s": t["pg_cpu_s"]}
+    if name == "pgqueuer":
+        await peers.pgqueuer_enqueue(dsn, args.jobs)
+    else:
+        await peers.procrastinate_enqueue(dsn, args.jobs)
+    pg0, cpu0 = pg.total(), cpu_s()
+    if name == "pgqueuer":
+        elapsed = await peers.pgqueuer_drain(dsn, args.jobs, args.peer_batch, args.concurrency)
+    else:
+        elapsed = await peers.procrastinate_drain(dsn, args.jobs, args.concurrency)
+    await asyncio.sleep(0.5)  # the peer's closed backends are reaped: their CPU is counted
+    return {
+        "jobs_per_s": args.jobs / elapsed,
+        "cpu_s": cpu_s() - cpu0,
+        "pg_cpu_s": pg.total() - pg0,
+    }
+
+
+def compare_report(
+    args: argparse.Namespace,
+    runs: dict[str, list[dict[str, float]]],
+    lat: dict[str, list[float]],
+    server_version: str,
+    problems: int,
+    first: list[str],
+) -> int:
+    med = {n: statistics.median(r["jobs_per_s"] for r in rs) for n, rs in runs.items()}
+    lines = [
+        f"$ python bench/queue_throughput.py {' '.join(sys.argv[1:])}".rstrip(),
+        f"machine: {os.cpu_count()} CPU, Python {platform.python_version()}, PostgreSQL "
+        f"{server_version.split()[0]} on the same machine (loopback TCP, fsync "
+        f"{'ON, synchronous_commit ON' if args.durable else 'off, synchronous_commit off'})",
+        f"{args.jobs:,} pre-enqueued no-op jobs per drain, one worker process each, "
+        f"{args.rounds} interleaved rounds (rotating order); median (min-max) jobs/s",
+        f"genworker: Runner + Store over asyncpg, concurrency {args.concurrency}, claim batch "
+        f"{args.claim_batch}, pool {args.pool_size}; pgqueuer: QueueManager (asyncpg), "
+        f"batch_size {args.peer_batch}, max_concurrent_tasks {args.concurrency}; procrastinate: "
+        f"psycopg, concurrency {args.concurrency}",
+        "",
+        f"{'':14}{'jobs/s':>8}  {'(min-max)':<15}{'worker CPU/job':>15}{'PG CPU/job':>12}",
+    ]
+    for name, rs in runs.items():
+        lo, hi = min(r["jobs_per_s"] for r in rs), max(r["jobs_per_s"] for r in rs)
+        cpu = statistics.median(r["cpu_s"] for r in rs) / args.jobs * 1e6
+        pgc = statistics.median(r["pg_cpu_s"] for r in rs) / args.jobs * 1e6
+        lines.append(
+            f"{name:<14}{med[name]:>8,.0f}  {f'({lo:,.0f}-{hi:,.0f})':<15}"
+            f"{cpu:>12,.0f} us{pgc:>9,.0f} us"
+        )
+    targets = Targets()
+    ratio = med["genworker"] / med["pgqueuer"]
+    lines += [
+        "",
+        f"genworker / pgqueuer      {ratio:.2f}x   (target >= 1.00x: "
+        f"{targets.check('drain >= pgqueuer', ratio >= 1.0)})",
+        f"genworker / procrastinate {med['genworker'] / med['procrastinate']:.2f}x",
+    ]
+    if lat:
+        p50 = {n: pct(v, 50) * 1000 for n, v in lat.items()}
+        for n, v in lat.items():
+            lines.append(
+                f"pickup {n:<10} p50 {p50[n]:6.1f} ms  p95 {pct(v, 95) * 1000:6.1f} ms  "
+                f"max {max(v) * 1000:6.1f} ms  ({len(v)} probes, handler start - enqueue "
+                "commit, idle LISTENing worker)"
+            )
+        verdict = targets.check("pickup p50 <= pgqueuer", p50["genworker"] <= p50["pgqueuer"])
+        lines.append(
+            f"pickup p50 genworker <= pgqueuer: {verdict} "
+            f"({p50['genworker']:.1f} vs {p50['pgqueuer']:.1f} ms)"
+        )
+    lines.append(f"genworker log lines at WARNING or above: {problems}")
+    lines += [f"  {line}" for line in first]
+    say("")
+    say("---- README block " + "-" * 62)
+    say("```")
+    for line in lines:
+        say(line)
+    say("```")
+    return targets.exit_code()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

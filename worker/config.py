@@ -232,9 +232,18 @@ VARIABLES: tuple[Variable, ...] = (
     _v(
         "GEMINI_REQUESTS_PER_MINUTE",
         "600",
-        "Request rate cap per process (0 = none); the quota is per project, so divide it",
+        "Local safety cap on requests per minute per process (0 = none); the fleet's "
+        "shared budget per model is the gemini_budgets table",
         _GEMINI,
         _int(0),
+    ),
+    _v(
+        "GEMINI_SHARED_BUDGET",
+        "on",
+        "on: every request takes from the fleet's budget in gemini_budgets and 429s cool the "
+        "model down for every instance; off: per-process limiting only",
+        _GEMINI,
+        _choice("on", "off"),
     ),
     _v(
         "GEMINI_CONNECT_TIMEOUT_S",
@@ -288,6 +297,13 @@ VARIABLES: tuple[Variable, ...] = (
         field=None,
     ),
     _v("WORKER_CONCURRENCY", "50", "Jobs one process runs at once", _WORKER, _int(1, 500)),
+    _v(
+        "CLAIM_BATCH_MAX",
+        "25",
+        "Most jobs one claim call takes (it asks for min(free slots, this))",
+        _WORKER,
+        _int(1, 1000),
+    ),
     _v("JOB_TYPES", None, "Comma-separated job types to claim; empty = all", _WORKER, _names),
     _v("JOB_LANES", None, "Comma-separated lanes to claim; empty = all", _WORKER, _names),
     _v("POLL_INTERVAL_MS", "1000", "Poll delay when the queue runs empty", _WORKER, _int(50)),
@@ -447,6 +463,7 @@ class Settings:
     gemini_base_url: str | None
     gemini_max_concurrent_streams: int
     gemini_requests_per_minute: int
+    gemini_shared_budget: str
     gemini_connect_timeout_s: float
     gemini_idle_timeout_s: float
     gemini_request_timeout_s: float
@@ -456,6 +473,7 @@ class Settings:
     worker_id: str
     worker_id_source: WorkerIdSource
     worker_concurrency: int
+    claim_batch_max: int
     job_types: tuple[str, ...] | None
     job_lanes: tuple[str, ...] | None
     poll_interval_ms: int

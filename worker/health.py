@@ -19,12 +19,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from worker import __version__
+from worker.generation.budget import FleetBudget
 from worker.runner import Runner
 from worker.store.base import StoreError
 
 LOOP_LAG_LIMIT_S = 5.0
 QUEUE_GAUGES_EVERY_S = 10.0  # at most one queue_stats() per this many seconds of scrapes
 WATCHDOG_LIMIT_S = 120.0
+TOP_USERS = 10  # /status and /metrics show the busiest users only
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,9 @@ class LoopMonitor:
         return thread
 
 
-def health_report(runner: Runner, monitor: LoopMonitor) -> tuple[int, dict[str, Any]]:
+def health_report(
+    runner: Runner, monitor: LoopMonitor, budget: FleetBudget | None = None
+) -> tuple[int, dict[str, Any]]:
     problems: list[str] = []
     degraded: list[str] = []
     if runner.fatal is not None:
@@ -93,6 +97,10 @@ def health_report(runner: Runner, monitor: LoopMonitor) -> tuple[int, dict[str, 
         )
     if runner.heartbeat.consecutive_failures:
         degraded.append(f"{runner.heartbeat.consecutive_failures} heartbeat round(s) failed")
+    if budget is not None:
+        # A model out of its daily quota (or cooling down) is the fleet's state, not this
+        # process's fault: reported, still 200 (a restart would not help).
+        degraded.extend(budget.reasons())
     status = "unhealthy" if problems else "degraded" if degraded else "ok"
     if runner.stopping.is_set() and not problems:
         status = "stopping"
@@ -111,9 +119,11 @@ def health_report(runner: Runner, monitor: LoopMonitor) -> tuple[int, dict[str, 
     return (503 if problems else 200), body
 
 
-def build_app(runner: Runner, monitor: LoopMonitor) -> web.Application:
+def build_app(
+    runner: Runner, monitor: LoopMonitor, budget: FleetBudget | None = None
+) -> web.Application:
     async def health(_req: web.Request) -> web.Response:
-        code, body = health_report(runner, monitor)
+        code, body = health_report(runner, monitor, budget)
         return web.json_response(body, status=code)
 
     async def ready(_req: web.Request) -> web.Response:
@@ -144,13 +154,49 @@ def build_app(runner: Runner, monitor: LoopMonitor) -> web.Application:
                 queue: Any = await runner.store.queue_stats()
         except (StoreError, TimeoutError) as exc:
             queue = {"error": str(exc)[:300]}
+        try:
+            async with asyncio.timeout(5):
+                users: Any = await runner.store.user_load(TOP_USERS)
+        except (StoreError, TimeoutError) as exc:
+            users = {"error": str(exc)[:300]}
         return web.json_response(
-            {"worker_id": runner.config.worker_id, "queue": queue, "in_flight": jobs}, dumps=_dumps
+            {
+                "worker_id": runner.config.worker_id,
+                "queue": queue,
+                "in_flight": jobs,
+                "users_in_flight": [
+                    {"user_id": u, "in_flight": n} for u, n in runner.users_in_flight(TOP_USERS)
+                ],
+                "user_load": users,
+                "claims": {
+                    "calls": runner.claim_calls,
+                    "jobs": runner.claimed_jobs,
+                    "mean_batch": round(runner.claimed_jobs / runner.claim_calls, 3)
+                    if runner.claim_calls
+                    else None,
+                    "last_batch": runner.last_claim_batch,
+                    "batch_max": runner.config.claim_batch_max,
+                },
+                "gemini_blocked": {
+                    model: {"reason": b.reason, "until": b.until, "detail": b.detail}
+                    for model, b in (budget.blocked if budget is not None else {}).items()
+                },
+            },
+            dumps=_dumps,
         )
 
     refreshed = {"at": -QUEUE_GAUGES_EVERY_S}
 
     async def metrics(_req: web.Request) -> web.Response:
+        gauge = runner.metrics.user_in_flight
+        gauge.clear()  # only the current top users: a bounded set of label values
+        for user, n in runner.users_in_flight(TOP_USERS):
+            gauge.labels(user).set(n)
+        if budget is not None:
+            blocked = runner.metrics.model_blocked
+            blocked.clear()
+            for model, state in budget.blocked.items():
+                blocked.labels(model, state.reason).set(1)
         # Queue-wide gauges (backlog, oldest pending age) for alerting, refreshed at scrape
         # time; a failed refresh keeps the last values and shows in the store error count.
         if time.monotonic() - refreshed["at"] >= QUEUE_GAUGES_EVERY_S:
@@ -179,9 +225,14 @@ def _dumps(obj: Any) -> str:
 
 
 async def start_health_server(
-    runner: Runner, monitor: LoopMonitor, host: str, port: int
+    runner: Runner,
+    monitor: LoopMonitor,
+    host: str,
+    port: int,
+    *,
+    budget: FleetBudget | None = None,
 ) -> web.AppRunner:
-    app_runner = web.AppRunner(build_app(runner, monitor), access_log=None)
+    app_runner = web.AppRunner(build_app(runner, monitor, budget), access_log=None)
     await app_runner.setup()
     site = web.TCPSite(app_runner, host, port)
     await site.start()

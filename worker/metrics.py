@@ -57,6 +57,24 @@ class Metrics:
             registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
         )
+        self.claim_batch_size = Histogram(
+            "genworker_claim_batch_size",
+            "Jobs returned by one claim call (asked for: min(free slots, CLAIM_BATCH_MAX))",
+            registry=r,
+            buckets=(0, 1, 2, 5, 10, 25, 50, 100),
+        )
+        self.completion_batch_size = Histogram(
+            "genworker_completion_batch_size",
+            "Jobs completed by one completion call",
+            registry=r,
+            buckets=(1, 2, 5, 10, 25, 50, 100),
+        )
+        self.user_in_flight = Gauge(
+            "genworker_user_jobs_in_flight",
+            "Jobs running in this process per user, the busiest users only ('none': no user)",
+            ["user_id"],
+            registry=r,
+        )
         self.heartbeat_failures = Counter(
             "genworker_heartbeat_failures_total", "Heartbeat rounds that failed", registry=r
         )
@@ -69,7 +87,29 @@ class Metrics:
             "genworker_store_errors_total", "Database call failures", ["op"], registry=r
         )
         self.model_tokens = Counter(
-            "genworker_model_tokens_total", "Model tokens used", ["kind"], registry=r
+            "genworker_model_tokens_total",
+            "Model tokens used per model: prompt (cached included), cached, output, thoughts",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.model_rate_limited = Counter(
+            "genworker_model_rate_limited_total",
+            "Gemini 429 answers seen by this process, per model",
+            ["model"],
+            registry=r,
+        )
+        self.budget_wait_seconds = Histogram(
+            "genworker_budget_wait_seconds",
+            "Time a Gemini request waited for the fleet's shared budget, per model",
+            ["model"],
+            registry=r,
+            buckets=(0.005, 0.05, 0.25, 1, 2.5, 5, 15, 30, 60, 120),
+        )
+        self.model_blocked = Gauge(
+            "genworker_model_blocked",
+            "1 while a model is in a shared cool-down or out of its daily quota",
+            ["model", "reason"],
+            registry=r,
         )
         self.chapter_writes = Counter(
             "genworker_chapter_writes_total", "Chapter content writes", registry=r

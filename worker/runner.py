@@ -1,9 +1,13 @@
 """The runner: claims jobs into free slots, runs their handlers, records the outcome.
 
-Never more than ``concurrency`` jobs in flight; a claim happens only for a free
-slot; idle polling backs off with jitter; a claim that finds work claims again at
-once. Outcomes: ``complete_job``; the fenced failure UPDATE (retry with backoff,
-or final); ``release_job`` at shutdown; nothing at all once the lease is lost.
+Never more than ``concurrency`` handlers running (a job whose handler returned frees its
+slot while its completion is recorded); one claim call asks for
+min(free slots, ``claim_batch_max``) jobs and gets their full rows (``claim_jobs``, fair
+across users and within each user's cap); a full batch claims again at once, a short
+one waits for a new-job notification or for a local job to finish, and idle polling
+backs off with jitter. Outcomes: completions batched by the ``Completer``; the fenced
+failure UPDATE (retry with backoff, or final); ``release_job`` at shutdown; nothing at
+all once the lease is lost.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
 
+from worker.completer import Completer
 from worker.errors import LeaseLost, PermanentJobError, classify, error_details
 from worker.heartbeat import Heartbeat
 from worker.jobs import Handler, JobContext
@@ -30,8 +37,11 @@ log = logging.getLogger(__name__)
 class RunnerConfig:
     worker_id: str
     concurrency: int = 50
+    claim_batch_max: int = 25
     job_types: Sequence[str] | None = None
     job_lanes: Sequence[str] | None = None
+    # The model of chapter jobs that name none: the claim skips jobs whose model cannot run.
+    default_model: str | None = None
     poll_interval_s: float = 1.0
     poll_max_interval_s: float = 5.0
     heartbeat_interval_s: float = 10.0
@@ -51,6 +61,13 @@ class InFlight:
     step: str = "claimed"
     stop_reason: str | None = None  # 'lease_lost' | 'shutdown' | 'superseded'
     finishing: bool = False  # complete/fail under way: the heartbeat must not cancel it
+    holds_slot: bool = True  # the handler has not returned yet
+
+
+class _TypeMetrics(NamedTuple):
+    claimed: Any
+    completed: Any
+    run_seconds: Any
 
 
 def retry_delay(
@@ -82,12 +99,24 @@ class Runner:
         self.last_store_error: str | None = None
         self.stopping = asyncio.Event()
         self.fatal: BaseException | None = None
-        self._slot_free = asyncio.Event()
+        self._slot_free = asyncio.Event()  # a handler returned: a slot is free
+        self._job_done = asyncio.Event()  # a job's outcome was recorded in the database
+        self._running = 0  # handlers running: what WORKER_CONCURRENCY bounds
+        self.completer = Completer(store, config.worker_id, self.metrics)
+        # Read when scraped, not written per job.
+        self.metrics.in_flight.set_function(lambda: len(self.in_flight))
+        self._by_type: dict[str, _TypeMetrics] = {}
+        self.claim_calls = 0
+        self.claimed_jobs = 0
+        self.last_claim_batch: int | None = None
         self.heartbeat = Heartbeat(
             store,
             config.worker_id,
             config.heartbeat_interval_s,
-            job_ids=lambda: [j for j, f in self.in_flight.items() if not f.finishing],
+            # Finishing jobs too: a completion stuck in retries keeps its lease, and an outage
+            # shows in /health even when every slot is busy completing (_lease_lost ignores
+            # finishing jobs, so a completed job is never cancelled by it).
+            job_ids=lambda: list(self.in_flight),
             on_lost=self._lease_lost,
             metrics=self.metrics,
             on_result=self._store_result,
@@ -159,13 +188,16 @@ class Runner:
     async def _claim_loop(self) -> None:
         idle = self.config.poll_interval_s
         while not self.stopping.is_set():
-            if len(self.in_flight) >= self.config.concurrency:
+            free = self.config.concurrency - self._running
+            if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
+            want = min(free, self.config.claim_batch_max)
+            self._job_done.clear()  # a job recorded during the call is a reason to claim again
             t0 = time.monotonic()
             try:
-                claimed = await self._claim_once()
+                claimed = await self._claim_once(want)
             except Exception as exc:
                 # Whatever goes wrong here, the loop backs off and carries on: one job's
                 # data cannot reach this point (ClaimedJob keeps it as payload_error), and
@@ -184,42 +216,97 @@ class Runner:
                 await asyncio.sleep(idle * random.uniform(0.5, 1.0))
                 continue
             self.metrics.claim_seconds.observe(time.monotonic() - t0)
+            self.metrics.claim_batch_size.observe(len(claimed))
+            self.claim_calls += 1
+            self.claimed_jobs += len(claimed)
+            self.last_claim_batch = len(claimed)
             self.consecutive_store_errors = 0
             self._store_result(None)
-            if claimed is None:
-                woke = await self.store.wait_for_work(idle * random.uniform(0.5, 1.0))
+            for job in claimed:
+                self._type_metrics(job.job_type).claimed.inc()
+                await self._start(job)
+            if claimed:
+                self.last_claim_at = time.time()
+                idle = self.config.poll_interval_s
+                if len(claimed) == want:
+                    continue  # a full batch: there may be more
+            # Nothing more for us right now: wait for a new job's notification or the poll
+            # interval. A short batch may also mean users at their caps: then a local job's
+            # outcome landing (one of theirs may be under the cap again) is a reason too.
+            woke = await self._wait_for_work(idle * random.uniform(0.5, 1.0), bool(claimed))
+            if not claimed:
                 idle = (
                     self.config.poll_interval_s
                     if woke
                     else min(self.config.poll_max_interval_s, idle * 1.5)
                 )
-                continue
-            idle = self.config.poll_interval_s
-            self.last_claim_at = time.time()
-            self.metrics.claimed.labels(claimed.job_type).inc()
-            await self._start(claimed)
 
-    async def _claim_once(self) -> ClaimedJob | None:
-        """One claim that shutdown cannot cut in half.
+    async def _wait_for_work(self, seconds: float, on_job_done: bool) -> bool:
+        """True when a notification (or, if asked, a recorded local job) cut the wait short."""
+        if not on_job_done:
+            return await self.store.wait_for_work(seconds)
+        if self._job_done.is_set():
+            return True
+        notified = asyncio.ensure_future(self.store.wait_for_work(seconds))
+        slot = asyncio.ensure_future(self._job_done.wait())
+        try:
+            done, _ = await asyncio.wait({notified, slot}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (notified, slot):
+                t.cancel()
+            await asyncio.gather(notified, slot, return_exceptions=True)
+        if slot in done:
+            return True
+        return notified.exception() is None and notified.result() is True
 
-        Cancelling a claim request mid-flight could leave a job claimed in the database
-        and unknown here (stuck until its lease expires, costing a retry). So the call
-        is shielded; if shutdown arrives meanwhile, a job it returns is released.
+    async def _claim_once(self, want: int) -> list[ClaimedJob]:
+        """One batch claim that shutdown cannot cut in half.
+
+        Cancelling a claim request mid-flight could leave jobs claimed in the database
+        and unknown here (stuck until their leases expire, costing a retry). So the call
+        is shielded; if shutdown arrives meanwhile, the jobs it returns are released.
         """
         call = asyncio.ensure_future(
-            self.store.claim(self.config.worker_id, self.config.job_types, self.config.job_lanes)
+            self.store.claim_many(
+                self.config.worker_id,
+                self.config.job_types,
+                self.config.job_lanes,
+                want,
+                self.config.default_model,
+            )
         )
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
             try:
                 async with asyncio.timeout(self.config.shutdown_call_timeout_s):
-                    claimed = await call
-                    if claimed is not None:
+                    for claimed in await call:
                         await self.store.release(claimed.job_id, self.config.worker_id)
             except (StoreError, TimeoutError) as exc:
                 log.warning("a claim under way at shutdown could not be undone: %s", exc)
             raise
+
+    def _type_metrics(self, job_type: str) -> _TypeMetrics:
+        """The per-job-type series touched for every job, looked up once per type."""
+        found = self._by_type.get(job_type)
+        if found is None:
+            m = self.metrics
+            found = _TypeMetrics(
+                m.claimed.labels(job_type),
+                m.completed.labels(job_type),
+                m.run_seconds.labels(job_type),
+            )
+            if len(self._by_type) < 1000:  # job types are few; never grow without bound
+                self._by_type[job_type] = found
+        return found
+
+    def users_in_flight(self, top: int = 10) -> list[tuple[str, int]]:
+        """This process's running jobs per user ('none' for jobs without one), busiest first."""
+        counts = Counter(
+            (f.claimed.job.user_id if f.claimed.job else None) or "none"
+            for f in list(self.in_flight.values())
+        )
+        return counts.most_common(top)
 
     async def _start(self, claimed: ClaimedJob) -> None:
         old = self.in_flight.get(claimed.job_id)
@@ -231,7 +318,7 @@ class Runner:
             await asyncio.gather(old.task, return_exceptions=True)
         entry = InFlight(claimed)
         self.in_flight[claimed.job_id] = entry
-        self.metrics.in_flight.set(len(self.in_flight))
+        self._running += 1
         entry.task = asyncio.create_task(self._execute(entry), name=f"job-{claimed.job_id}")
 
     def _lease_lost(self, job_id: str) -> None:
@@ -255,7 +342,7 @@ class Runner:
                         kind="bad_payload",
                         user_message="The generation request was invalid and was not run.",
                     )
-                job = await self.store.get_job(claimed.job_id)
+                job = claimed.job or await self.store.get_job(claimed.job_id)
                 if (
                     job is None
                     or job.status != "processing"
@@ -275,12 +362,13 @@ class Runner:
                     entry.progress, entry.step = progress, step
 
                 ctx = JobContext(job, self.config.worker_id, self.store, self.metrics, report)
-                log.info("job started")
+                log.debug("job started")
                 result = await handler(ctx)
                 entry.finishing = True
-                if await self.store.complete(job.id, self.config.worker_id, result):
-                    self.metrics.completed.labels(job.job_type).inc()
-                    log.info("job completed in %.2fs", time.monotonic() - entry.started)
+                self._free_slot(entry)  # its completion goes on while the next job starts
+                if await self.completer.complete(job.id, result):
+                    self._type_metrics(job.job_type).completed.inc()
+                    log.debug("job completed in %.2fs", time.monotonic() - entry.started)
                 else:
                     raise LeaseLost("complete_job refused: the lease was lost")
             except asyncio.CancelledError:
@@ -291,17 +379,24 @@ class Runner:
                 log.warning("job stopped, nothing more written: %s", exc)
             except Exception as exc:
                 entry.finishing = True
+                self._free_slot(entry)
                 if isinstance(exc, StoreError):
                     self._store_result(exc)
                 await self._record_failure(claimed, job, exc)
             finally:
-                self.metrics.run_seconds.labels(claimed.job_type).observe(
+                self._type_metrics(claimed.job_type).run_seconds.observe(
                     time.monotonic() - entry.started
                 )
                 if self.in_flight.get(claimed.job_id) is entry:
                     del self.in_flight[claimed.job_id]
-                self.metrics.in_flight.set(len(self.in_flight))
-                self._slot_free.set()
+                self._free_slot(entry)
+                self._job_done.set()  # recorded: its user may be under the cap again
+
+    def _free_slot(self, entry: InFlight) -> None:
+        if entry.holds_slot:
+            entry.holds_slot = False
+            self._running -= 1
+            self._slot_free.set()
 
     async def _on_cancelled(self, entry: InFlight) -> None:
         if entry.stop_reason != "shutdown":

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.config import Settings
+from worker.generation.budget import FleetBudget
 from worker.generation.chapter import ChapterHandler, GenerationConfig
-from worker.generation.model import TextModel
+from worker.generation.model import RequestBudget, TextModel
 from worker.handlers import build_handlers
 from worker.health import WATCHDOG_LIMIT_S, LoopMonitor, start_health_server
 from worker.logs import bind_worker
@@ -48,7 +49,9 @@ async def open_store(settings: Settings) -> Store:
     ).open()
 
 
-def build_model(settings: Settings, *, offline_delay_s: float = 0.03) -> TextModel:
+def build_model(
+    settings: Settings, *, offline_delay_s: float = 0.03, budget: RequestBudget | None = None
+) -> TextModel:
     if settings.generation_provider == "offline":
         from worker.generation.offline import OfflineModel
 
@@ -66,6 +69,7 @@ def build_model(settings: Settings, *, offline_delay_s: float = 0.03) -> TextMod
         thinking_level=None
         if settings.gemini_thinking_level == "default"
         else settings.gemini_thinking_level.upper(),
+        budget=budget,
     )
 
 
@@ -73,8 +77,10 @@ def runner_config(settings: Settings) -> RunnerConfig:
     return RunnerConfig(
         worker_id=settings.worker_id,
         concurrency=settings.worker_concurrency,
+        claim_batch_max=settings.claim_batch_max,
         job_types=settings.job_types,
         job_lanes=settings.job_lanes,
+        default_model=settings.gemini_model,
         poll_interval_s=settings.poll_interval_ms / 1000,
         poll_max_interval_s=settings.poll_max_interval_ms / 1000,
         heartbeat_interval_s=settings.heartbeat_interval_s,
@@ -148,6 +154,7 @@ class Worker:
         self.store: Store | None = None
         self.model: TextModel | None = None
         self.runner: Runner | None = None
+        self.budget: FleetBudget | None = None
         self.monitor = LoopMonitor()
         self._health: Any = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -156,7 +163,12 @@ class Worker:
         s = self.settings
         bind_worker(s.worker_id)
         self.store = await open_store(s)
-        self.model = self._model or build_model(s)
+        if s.generation_provider == "gemini" and s.gemini_shared_budget == "on":
+            self.budget = FleetBudget(
+                self.store, max_wait_s=s.gemini_max_rate_limit_wait_s, metrics=self.metrics
+            )
+            self._tasks.append(asyncio.create_task(self.budget.watch(), name="budget-watch"))
+        self.model = self._model or build_model(s, budget=self.budget)
         self.model.open()
         handlers = build_handlers(ChapterHandler(self.model, generation_config(s)))
         self.runner = Runner(self.store, runner_config(s), handlers, self.metrics)
@@ -164,7 +176,7 @@ class Worker:
         self.monitor.start_watchdog(WATCHDOG_LIMIT_S)
         try:
             self._health = await start_health_server(
-                self.runner, self.monitor, s.health_host, s.health_port
+                self.runner, self.monitor, s.health_host, s.health_port, budget=self.budget
             )
         except OSError as exc:
             log.error("health server could not bind %s:%s: %s", s.health_host, s.health_port, exc)

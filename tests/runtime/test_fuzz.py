@@ -37,6 +37,7 @@ from worker.generation.chapter import ChapterHandler, GenerationConfig
 from worker.generation.offline import OfflineModel
 from worker.generation.payload import parse_payload
 from worker.handlers import build_handlers
+from worker.logs import setup_logging
 
 pytestmark = pytest.mark.slow
 
@@ -486,9 +487,15 @@ async def test_fuzzed_inputs_through_the_door_and_the_in_process_runner(
 
     model = OfflineModel(chunk_delay_s=0, min_chunk_chars=200, max_chunk_chars=400)
     handlers = build_handlers(ChapterHandler(model, GEN))
-    async with open_store("postgres", db_dsn) as store, running(store, handlers) as runner:
-        await wait_until(lambda: drained(conn), timeout=120)
-        assert runner.side_tasks_alive and runner.fatal is None
+    # A job's start and completion lines are DEBUG (cheap at INFO): log at DEBUG so every
+    # job writes lines here and every one of them is checked below.
+    setup_logging("DEBUG", "json")
+    try:
+        async with open_store("postgres", db_dsn) as store, running(store, handlers) as runner:
+            await wait_until(lambda: drained(conn), timeout=120)
+            assert runner.side_tasks_alive and runner.fatal is None
+    finally:
+        setup_logging("INFO", "json")
     assert runner.metrics.claim_loop_errors._value.get() == 0
     await check_outcomes(conn, results, documented_error_types())
 
@@ -513,7 +520,8 @@ async def test_fuzzed_inputs_through_a_worker_process(
     accepted = check_door(results)
     assert accepted and any(s.code for s in results)
 
-    env = worker_env(db_dsn, WORKER_ID="fuzz-process", GEMINI_MODEL=MODEL)
+    # DEBUG: a job's start and completion lines too (see the in-process test).
+    env = worker_env(db_dsn, WORKER_ID="fuzz-process", GEMINI_MODEL=MODEL, LOG_LEVEL="DEBUG")
     with worker_process(env) as proc:
         await wait_until(lambda: drained(conn), timeout=120)
         alive = proc.poll() is None

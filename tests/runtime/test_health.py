@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from tests.runtime.conftest import running, wait_until
-from tests.support.seed import insert_jobs
+from tests.support.seed import create_user, insert_jobs
 from tests.support.stores import open_store
 from worker.devdb import free_port
 from worker.handlers import noop
@@ -19,6 +19,11 @@ from worker.health import LoopMonitor, health_report, start_health_server
 async def served(db_dsn, conn):  # type: ignore[no-untyped-def]
     await insert_jobs(conn, 2, job_type="noop")
     await conn.execute("update job_queue set job_payload = '{\"sleep_s\": 30}'")
+    # One of the two belongs to a user: /status and /metrics show jobs per user.
+    await conn.execute(
+        "update job_queue set user_id = $1 where id = (select min(id::text)::uuid from job_queue)",
+        await create_user(conn, "load@example.test"),
+    )
     port = free_port()
     monitor = LoopMonitor()
     mon = asyncio.create_task(monitor.run())
@@ -60,6 +65,26 @@ async def test_status(served) -> None:
     assert len(body["in_flight"]) == 2
     job = body["in_flight"][0]
     assert job["job_type"] == "noop" and job["attempt"] == 1 and "progress" in job
+    user = await _the_user(http)
+    # This process's jobs per user, and the database-wide load of the busiest users.
+    assert sorted(body["users_in_flight"], key=lambda u: u["user_id"]) == sorted(
+        [{"user_id": user, "in_flight": 1}, {"user_id": "none", "in_flight": 1}],
+        key=lambda u: u["user_id"],
+    )
+    load = {
+        (u["user_id"], u["job_lane"]): (u["processing"], u["pending"]) for u in body["user_load"]
+    }
+    assert load == {(user, "default"): (1, 0), (None, "default"): (1, 0)}
+    claims = body["claims"]
+    assert claims["jobs"] == 2 and claims["calls"] >= 1 and claims["batch_max"] == 25
+    assert 0 < claims["mean_batch"] <= 2
+
+
+async def _the_user(http) -> str:  # type: ignore[no-untyped-def]
+    async with http.get("/status") as resp:
+        body = await resp.json()
+    [user] = [u["user_id"] for u in body["user_load"] if u["user_id"] is not None]
+    return str(user)
 
 
 async def test_metrics(served) -> None:
@@ -70,6 +95,12 @@ async def test_metrics(served) -> None:
     assert 'genworker_jobs_claimed_total{job_type="noop"} 2.0' in text
     assert "genworker_jobs_in_flight 2.0" in text
     assert "genworker_claim_latency_seconds_bucket" in text
+    user = await _the_user(http)
+    assert f'genworker_user_jobs_in_flight{{user_id="{user}"}} 1.0' in text
+    assert 'genworker_user_jobs_in_flight{user_id="none"} 1.0' in text
+    # The two jobs came in one claim call of two.
+    assert 'genworker_claim_batch_size_bucket{le="1.0"} ' in text
+    assert "genworker_claim_batch_size_sum 2.0" in text
     # Queue-wide gauges for alerting, from queue_stats() at scrape time.
     assert 'genworker_queue_jobs{status="processing"} 2.0' in text
     assert 'genworker_queue_jobs{status="pending"} 0.0' in text

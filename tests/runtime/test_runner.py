@@ -55,18 +55,22 @@ async def test_200_jobs_at_concurrency_50_complete_exactly_once(
 
 
 async def test_never_more_than_concurrency_in_flight(db_dsn: str, conn) -> None:
+    """WORKER_CONCURRENCY bounds running handlers (a finished one frees its slot while its
+    completion is recorded)."""
     await insert_jobs(conn, 12, job_type="slow")
-    peak = 0
+    peak = running_now = 0
 
     async def slow(ctx: JobContext) -> dict:
-        nonlocal peak
-        peak = max(peak, len(runner.in_flight))
+        nonlocal peak, running_now
+        running_now += 1
+        peak = max(peak, running_now)
         await asyncio.sleep(0.2)
+        running_now -= 1
         return {}
 
     async with (
         open_store("postgres", db_dsn) as store,
-        running(store, {"slow": slow}, concurrency=3) as runner,
+        running(store, {"slow": slow}, concurrency=3),
     ):
         await wait_until(
             lambda: conn.fetchval("select count(*) = 12 from job_queue where status = 'completed'")
@@ -247,20 +251,103 @@ async def test_a_claim_cut_by_shutdown_is_released(db_dsn: str, conn) -> None:
     """Stopping while a claim request is in flight must not strand the claimed job."""
     [jid] = await insert_jobs(conn, 1, job_type="noop")
     async with open_store("postgres", db_dsn) as store:
-        real_claim = store.claim
+        real_claim = store.claim_many
         entered = asyncio.Event()
 
         async def slow_claim(*args):  # type: ignore[no-untyped-def]
             claimed = await real_claim(*args)  # committed in the database...
-            if claimed is not None:
+            if claimed:
                 entered.set()
                 await asyncio.sleep(0.3)  # ...but the answer is still on its way at shutdown
             return claimed
 
-        store.claim = slow_claim  # type: ignore[method-assign]
+        store.claim_many = slow_claim  # type: ignore[method-assign]
         async with running(store, {"noop": noop}):
             await asyncio.wait_for(entered.wait(), 5)
     job = await conn.fetchrow(
         "select status, retry_count, worker_id from job_queue where id = $1", jid
     )
     assert (job["status"], job["retry_count"], job["worker_id"]) == ("pending", 0, None)
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+def _histogram(hist) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(count, sum) of an unlabelled prometheus histogram."""
+    samples = {s.name: s.value for m in hist.collect() for s in m.samples}
+    return next(v for k, v in samples.items() if k.endswith("_count")), next(
+        v for k, v in samples.items() if k.endswith("_sum")
+    )
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+async def test_claims_ask_for_the_free_slots_and_completions_go_in_batches(
+    adapter: str, db_dsn: str, conn
+) -> None:
+    """Concurrency 10, batch max 4: every claim asks for min(free slots, 4); 40 no-op jobs
+    finishing together are completed in fewer calls than jobs, each exactly once."""
+    ids = await insert_jobs(conn, 40, job_type="noop")
+    asked: list[int] = []
+    async with open_store(adapter, db_dsn) as store:
+        real = store.claim_many
+
+        async def spy(worker_id, types, lanes, limit, *rest):  # type: ignore[no-untyped-def]
+            asked.append(limit)
+            return await real(worker_id, types, lanes, limit, *rest)
+
+        store.claim_many = spy  # type: ignore[method-assign]
+        async with running(store, {"noop": noop}, concurrency=10, claim_batch_max=4) as runner:
+            await wait_until(
+                lambda: conn.fetchval(
+                    "select count(*) = 40 from job_queue where status = 'completed'"
+                ),
+                timeout=60,
+            )
+            calls, completed = _histogram(runner.metrics.completion_batch_size)
+            claims, claimed = _histogram(runner.metrics.claim_batch_size)
+    assert asked[0] == 4 and all(1 <= n <= 4 for n in asked)
+    assert claimed == 40 and claims >= 10
+    assert completed == 40 and 1 <= calls <= 40
+    if adapter == "postgres":  # over REST each claim answer carries one job (supabase.py)
+        assert calls < 40
+    events = await conn.fetch(
+        "select job_id::text, count(*) filter (where to_status = 'processing') as p,"
+        " count(*) filter (where to_status = 'completed') as c"
+        " from job_events group by job_id"
+    )
+    assert {e["job_id"]: (e["p"], e["c"]) for e in events} == {i: (1, 1) for i in ids}
+
+
+async def test_a_capped_user_is_claimed_again_as_soon_as_a_local_job_frees_its_slot(
+    db_dsn: str, conn
+) -> None:
+    """Cap 2 for one user with 6 jobs: the runner never holds more than 2 of them and
+    finishes all 6 without waiting for a notification (there is none for a freed cap)."""
+    await conn.execute("update job_lanes set max_processing_per_user = 2")
+    user = await create_user(conn)
+    ids = await insert_jobs(conn, 6, job_type="noop")
+    await conn.execute(
+        "update job_queue set user_id = $1, job_payload = '{\"sleep_s\": 0.05}'", user
+    )
+    most = 0
+
+    async def watched(ctx: JobContext):  # type: ignore[no-untyped-def]
+        nonlocal most
+        most = max(most, len(runner.in_flight))
+        return await noop(ctx)
+
+    async with open_store("postgres", db_dsn) as store:
+        # A poll far longer than the test's ceiling: only a freed local slot can wake it.
+        async with running(
+            store, {"noop": watched}, poll_interval_s=60, poll_max_interval_s=60
+        ) as runner:
+            await wait_until(
+                lambda: conn.fetchval(
+                    "select count(*) = 6 from job_queue where status = 'completed'"
+                ),
+                timeout=30,
+            )
+    assert most == 2
+    done = await conn.fetch("select id::text from job_queue where status = 'completed'")
+    assert sorted(r["id"] for r in done) == sorted(ids)

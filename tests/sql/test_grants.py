@@ -51,10 +51,18 @@ ALLOWED: dict[tuple[str, str, str], str] = {
             "admin_pause_job(uuid)",
             "admin_resume_job(uuid)",
             "append_chapter_content(uuid,text,integer,text,integer,text,jsonb)",
+            "claim_jobs(text,text[],text[],integer,text)",
             "claim_next_job_v3(text,text[],text[])",
             "complete_job(uuid,text,jsonb)",
+            "complete_jobs(text,jsonb)",
             "enqueue_job(text,jsonb,integer,text,integer,double precision)",
             "finish_chapter(uuid,text)",
+            "gemini_bucket(double precision,double precision)",
+            "gemini_budget_settle(text,integer,integer,double precision,boolean,text)",
+            "gemini_budget_status()",
+            "gemini_budget_take(text,integer)",
+            "gemini_job_blocked(text,jsonb,text)",
+            "gemini_next_daily_reset(timestamp with time zone)",
             "genworker_broadcast(uuid,text,jsonb)",
             "genworker_broadcast_status(chapters,integer)",
             "genworker_chunks_length(uuid)",
@@ -75,6 +83,7 @@ ALLOWED: dict[tuple[str, str, str], str] = {
             "start_chapter_generation(uuid,text,integer)",
             "story_progress(uuid,boolean)",
             "update_job_heartbeat(uuid,text)",
+            "user_load(integer)",
             # genworker dashboard (20261201005000_dashboard.sql).
             "dashboard_job(uuid)",
             "dashboard_jobs(text,text,uuid,timestamp with time zone,timestamp with time zone,"
@@ -85,9 +94,12 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     },
     ("table", "chapter_chunks", "service_role"): "DELETE,INSERT,SELECT",
     ("table", "chapters", "service_role"): ALL_TABLE,
+    ("table", "gemini_budgets", "service_role"): "DELETE,INSERT,SELECT,UPDATE",
     ("table", "job_events", "service_role"): "SELECT",
     ("table", "job_lanes", "service_role"): ALL_TABLE,
     ("table", "job_queue", "service_role"): ALL_TABLE,
+    # Written only by the claim (as the service role); nobody else reads it.
+    ("table", "job_queue_user_state", "service_role"): "INSERT,SELECT,UPDATE",
     ("table", "stories", "service_role"): ALL_TABLE,
 }
 

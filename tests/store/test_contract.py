@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 
 from tests.store._helpers import chapter_job, insert_job, new_id
+from tests.support.seed import create_user
 from worker.store.base import (
     ClaimedJob,
     ConflictError,
@@ -109,6 +110,110 @@ async def test_claim_orders_by_priority(store: Store, conn) -> None:
     high = await insert_job(conn, priority=5)
     claimed = await store.claim(A, None, None)
     assert claimed is not None and claimed.job_id == high
+
+
+# -- batch claim (claim_jobs) ----------------------------------------------------------------
+
+
+async def _claim_all(store: Store, worker: str, limit: int) -> list[ClaimedJob]:
+    """Claim until the claim comes back empty (the REST transport takes one job per call)."""
+    got: list[ClaimedJob] = []
+    while batch := await store.claim_many(worker, None, None, limit):
+        assert len(batch) <= min(limit, store.transport.claim_batch_max)
+        got += batch
+    return got
+
+
+async def _users_jobs(conn, n_by_user: dict[str | None, int]) -> dict[str | None, list[str]]:
+    return {
+        u: [await insert_job(conn, user=u, payload={"i": i}) for i in range(n)]
+        for u, n in n_by_user.items()
+    }
+
+
+async def test_claim_many_returns_full_rows_fair_and_capped(store: Store, conn) -> None:
+    """Default cap 3 per user and lane; jobs without a user are not capped."""
+    ua, ub = await create_user(conn), await create_user(conn)
+    jobs = await _users_jobs(conn, {ua: 5, ub: 1, None: 2})
+    claimed = await _claim_all(store, A, 10)
+    assert sorted(c.job_id for c in claimed) == sorted(jobs[ua][:3] + jobs[ub] + jobs[None])
+    for c in claimed:
+        assert isinstance(c, ClaimedJob) and isinstance(c.job, Job) and c.payload_error is None
+        assert isinstance(c.job_id, str) and c.job.id == c.job_id
+        assert (c.job.status, c.job.worker_id, c.job.retry_count) == ("processing", A, 0)
+        assert c.job_payload == c.job.job_payload and "i" in c.job_payload
+        assert is_aware(c.job.started_at) and is_aware(c.job.extra["heartbeat_at"])
+    by_user = {c.job.user_id for c in claimed if c.job is not None}
+    assert by_user == {ua, ub, None}
+    assert await store.claim_many(B, None, None, 10) == []  # ua is at its cap
+    assert await store.complete(jobs[ua][0], A, {}) is True
+    [next_a] = await store.claim_many(B, None, None, 10)
+    assert next_a.job_id == jobs[ua][3] and next_a.job is not None
+    assert next_a.job.user_id == ua
+
+
+async def test_claim_many_filters_and_limit(store: Store, conn) -> None:
+    await insert_job(conn, job_type="a", lane="fast")
+    await insert_job(conn, job_type="b", lane="slow")
+    await insert_job(conn, job_type="b", lane="slow")
+    assert await store.claim_many(A, ["c"], None, 5) == []
+    assert await store.claim_many(A, None, ["other"], 5) == []
+    assert [c.job_type for c in await store.claim_many(A, ["b"], None, 1)] == ["b"]
+    assert [c.job_type for c in await store.claim_many(A, None, ["fast"], 5)] == ["a"]
+    assert [c.job_type for c in await store.claim_many(A, None, None, 5)] == ["b"]
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+async def test_claim_many_rejects_a_bad_limit(store: Store, limit: int) -> None:
+    with pytest.raises(InvalidInputError):
+        await store.claim_many(A, None, None, limit)
+
+
+def test_a_batch_row_that_cannot_be_read_keeps_its_id_and_error() -> None:
+    jid = new_id()
+    bad = ClaimedJob.from_full_row(
+        {
+            "id": jid,
+            "job_type": "noop",
+            "status": "processing",
+            "job_payload": [1],
+            "retry_count": 2,
+        }
+    )
+    assert bad.job_id == jid and bad.job is None and bad.retry_count == 2
+    assert bad.payload_error is not None and "JSON object" in bad.payload_error
+
+
+async def test_complete_many_is_fenced_and_idempotent(store: Store, conn) -> None:
+    ids = [await insert_job(conn) for _ in range(3)]
+    assert len(await _claim_all(store, A, 3)) == 3
+    await conn.execute("update job_queue set status = 'cancelled' where id = $1", ids[2])
+    results = {j: {"n": k, "text": "é\u2028"} for k, j in enumerate(ids)}
+    assert await store.complete_many(B, results) == set()
+    assert await store.complete_many(A, results) == set(ids[:2])
+    assert await store.complete_many(A, results) == set(ids[:2])  # a retry: same answer
+    r = await row(conn, ids[1])
+    assert r["status"] == "completed" and r["job_result"] == {"n": 1, "text": "é\u2028"}
+    assert (await row(conn, ids[2]))["status"] == "cancelled"
+    assert await store.complete_many(A, {}) == set()
+    assert await store.complete_many(A, {new_id(): {}}) == set()
+
+
+async def test_complete_many_rejects_a_bad_id(store: Store) -> None:
+    with pytest.raises(InvalidInputError):
+        await store.complete_many(A, {"not-a-uuid": {}})
+
+
+async def test_user_load(store: Store, conn) -> None:
+    ua = await create_user(conn)
+    await _users_jobs(conn, {ua: 4, None: 1})
+    await store.claim_many(A, None, None, 1)
+    await store.claim_many(A, None, None, 1)
+    load = await store.user_load(10)
+    got = {(r["user_id"], r["job_lane"]): (r["processing"], r["pending"]) for r in load}
+    assert got == {(ua, "default"): (1, 3), (None, "default"): (1, 0)}
+    assert all(r["max_processing"] == 3 for r in load)
+    assert len(await store.user_load(1)) == 1
 
 
 # -- get_job --------------------------------------------------------------------------------
@@ -803,3 +908,36 @@ async def test_read_chapter(store: Store, conn) -> None:
     tail = await store.read_chapter(cj.chapter, from_char=5)
     assert tail is not None and tail["content"] == "🌊 rising."
     assert await store.read_chapter("00000000-0000-4000-8000-000000000000") is None
+
+
+# -- the fleet's Gemini budget -------------------------------------------------------------
+
+
+async def test_budget_take_settle_and_status(store: Store, conn) -> None:
+    from worker.store.base import BudgetTake
+
+    free = await store.budget_take("m-unset", 100)
+    assert free == BudgetTake(granted=True, wait_s=0.0, reason="unbudgeted", until=None)
+    await conn.execute("insert into gemini_budgets (model, rpm, burst_s) values ('m-c', 60, 1)")
+    await conn.execute("update gemini_budgets set request_level = 1, refilled_at = now()")
+    assert (await store.budget_take("m-c", 10)).granted
+    empty = await store.budget_take("m-c", 10)
+    assert (empty.granted, empty.reason) == (False, "rpm") and empty.wait_s > 0
+    await store.budget_settle("m-c", 10, 7, retry_after_s=30.0, reason="429 from Gemini")
+    cool = await store.budget_take("m-c", 10)
+    assert (cool.granted, cool.reason) == (False, "cooldown") and is_aware(cool.until)
+    await store.budget_settle("m-d", 0, 0, daily=True, reason="PerDay quota")
+    status = {r["model"]: r for r in await store.budget_status()}
+    assert status["m-c"]["cooldown_reason"] == "429 from Gemini" and status["m-c"]["rpm"] == 60
+    assert status["m-d"]["daily_reason"] == "PerDay quota"
+    assert status["m-d"]["daily_exhausted_until"] is not None
+    with pytest.raises(InvalidInputError):
+        await store.budget_take("", 1)
+
+
+async def test_claim_many_leaves_jobs_whose_model_cannot_run(store: Store, conn) -> None:
+    blocked = await chapter_job(conn)
+    await store.budget_settle("gemini-blocked", 0, 0, retry_after_s=600)
+    assert await store.claim_many(A, None, None, 10, "gemini-blocked") == []
+    claimed = await store.claim_many(A, None, None, 10, "gemini-free")
+    assert [c.job_id for c in claimed] == [blocked.job]

@@ -13,6 +13,17 @@ Faults are scripted *per request*: ``fake.script(b1, b2, ...)`` queues behaviour
 that the next requests consume in order; when the queue is empty ``fake.default``
 (normally ``ok()``) answers. Every request is recorded in ``fake.requests``.
 
+Quotas and caching, as the real service does them (docs/gemini-budget.md):
+
+* ``rpm`` / ``tpm``: one global budget per model across all connections, over a sliding
+  60-second window (tokens: the prompt's at admission, the output's once sent); past
+  either, a 429 ``RESOURCE_EXHAUSTED`` with a ``QuotaFailure`` (quotaId ``...PerMinute...``)
+  and a ``RetryInfo`` saying when the window has room again. ``rpd`` likewise per day
+  (quotaId ``...PerDay``, retryDelay to the end of the day);
+* implicit prefix caching: the longest prefix of (system instruction + contents) that an
+  earlier request to the same model began with, in 64-character blocks, is reported as
+  ``cachedContentTokenCount`` when it is at least ``cache_min_tokens``.
+
 Usage::
 
     fake = await start_fake_gemini()
@@ -24,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -186,6 +198,9 @@ class RecordedRequest:
     usage: dict[str, int] | None = None
     client_disconnected: bool = False
     completed: bool = False
+    rate_limited: str | None = None  # the quotaId of a 429 the fake's own quotas sent
+    cached_tokens: int = 0
+    quota_slot: list[float] | None = None  # [time, tokens] in its model's window
 
     @property
     def prompt(self) -> str:
@@ -254,6 +269,24 @@ def _tokens(chars: int) -> int:
     return math.ceil(chars / 4)
 
 
+CACHE_BLOCK_CHARS = 64
+QUOTA_WINDOW_S = 60.0
+
+
+@dataclass
+class _ModelQuota:
+    """One model's sliding minute: admitted requests as [time, tokens] (tokens grow as
+    the output is sent), and the day's count."""
+
+    window: collections.deque[list[float]] = field(default_factory=collections.deque)
+    tokens: float = 0.0
+    day_requests: int = 0
+
+    def expire(self, now: float) -> None:
+        while self.window and self.window[0][0] <= now - QUOTA_WINDOW_S:
+            self.tokens -= self.window.popleft()[1]
+
+
 # -- the server ---------------------------------------------------------------------
 
 
@@ -273,6 +306,10 @@ class FakeGemini:
         outline_bullets: int = 3,
         thoughts_tokens: int = 0,
         model_version: str = "gemini-fake",
+        rpm: int | None = None,
+        tpm: int | None = None,
+        rpd: int | None = None,
+        cache_min_tokens: int = 4096,
     ) -> None:
         self.chunk_chars = chunk_chars
         self.chunks_per_second = chunks_per_second
@@ -280,6 +317,10 @@ class FakeGemini:
         self.outline_bullets = outline_bullets
         self.thoughts_tokens = thoughts_tokens
         self.model_version = model_version
+        self.rpm, self.tpm, self.rpd = rpm, tpm, rpd
+        self.cache_min_tokens = cache_min_tokens
+        self._quotas: dict[str, _ModelQuota] = {}
+        self._prefixes: dict[str, set[bytes]] = {}
         self.default: Behaviour = ok()
         self.requests: list[RecordedRequest] = []
         self.open_streams = 0
@@ -369,6 +410,10 @@ class FakeGemini:
             behaviour=behaviour,
         )
         self.requests.append(record)
+        if behaviour.kind != "http_error" and (limited := self._admit(record)) is not None:
+            return self._error_response(limited)
+        if behaviour.kind != "http_error":
+            record.cached_tokens = self._cached_tokens(record)
         streaming = action == "streamGenerateContent"
         self.in_flight += 1
         self._idle.clear()
@@ -391,6 +436,67 @@ class FakeGemini:
                 self._idle.set()
             if streaming:
                 self.open_streams -= 1
+
+    # -- quotas and caching ---------------------------------------------------------------
+
+    def _admit(self, record: RecordedRequest) -> Behaviour | None:
+        """Count the request against its model's minute (and day), or say which quota it
+        is past: a 429 with a RetryInfo for when the window has room again."""
+        if self.rpm is None and self.tpm is None and self.rpd is None:
+            return None
+        quota = self._quotas.setdefault(record.model, _ModelQuota())
+        now = time.monotonic()
+        quota.expire(now)
+        prompt = _tokens(len(record.prompt) + len(record.system or ""))
+        room_at = quota.window[0][0] + QUOTA_WINDOW_S if quota.window else now
+        if self.rpd is not None and quota.day_requests >= self.rpd:
+            record.rate_limited = "GenerateRequestsPerDayPerProjectPerModel"
+            delay = 3600.0
+        elif self.rpm is not None and len(quota.window) >= self.rpm:
+            record.rate_limited = "GenerateRequestsPerMinutePerProjectPerModel"
+            delay = room_at - now
+        elif self.tpm is not None and quota.tokens + prompt > self.tpm and quota.window:
+            record.rate_limited = "GenerateContentInputTokensPerModelPerMinute"
+            delay = room_at - now
+        else:
+            record.quota_slot = [now, float(prompt)]
+            quota.window.append(record.quota_slot)
+            quota.tokens += prompt
+            quota.day_requests += 1
+            return None
+        return http_error(
+            429, retry_delay=f"{max(delay, 0.001):.3f}s", quota_id=record.rate_limited
+        )
+
+    def _count_output(self, record: RecordedRequest, tokens: int) -> None:
+        """Output tokens join the minute's token count as they are sent."""
+        slot = record.quota_slot
+        quota = self._quotas.get(record.model)
+        if slot is None or quota is None:
+            return
+        grown = float(tokens) + _tokens(len(record.prompt) + len(record.system or "")) - slot[1]
+        if grown > 0 and any(s is slot for s in quota.window):
+            slot[1] += grown
+            quota.tokens += grown
+
+    def _cached_tokens(self, record: RecordedRequest) -> int:
+        """Implicit caching: the longest earlier-seen prefix, in whole blocks."""
+        text = ((record.system or "") + "\n" + record.prompt).encode()
+        seen = self._prefixes.setdefault(record.model, set())
+        digest = hashlib.sha256()
+        cached = 0
+        for end in range(CACHE_BLOCK_CHARS, len(text) + 1, CACHE_BLOCK_CHARS):
+            digest.update(text[end - CACHE_BLOCK_CHARS : end])
+            key = digest.digest()
+            if key in seen and cached == end - CACHE_BLOCK_CHARS:
+                cached = end
+            seen.add(key)
+        tokens = _tokens(cached)
+        return tokens if tokens >= self.cache_min_tokens else 0
+
+    @property
+    def rate_limited(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.rate_limited]
 
     def _error_response(self, b: Behaviour) -> web.Response:
         status_text = b.status_text or _STATUS_TEXT.get(b.status, "UNKNOWN")
@@ -429,12 +535,15 @@ class FakeGemini:
         prompt = _tokens(len(record.prompt) + len(record.system or ""))
         output = _tokens(output_chars)
         usage = {"promptTokenCount": prompt}
+        if record.cached_tokens:
+            usage["cachedContentTokenCount"] = min(record.cached_tokens, prompt)
         if output:
             usage["candidatesTokenCount"] = output
         if self.thoughts_tokens:
             usage["thoughtsTokenCount"] = self.thoughts_tokens
         usage["totalTokenCount"] = prompt + output + self.thoughts_tokens
         record.usage = usage
+        self._count_output(record, usage["totalTokenCount"])
         return usage
 
     def _event(

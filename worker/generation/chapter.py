@@ -58,6 +58,7 @@ def _usage_of(state: Mapping[str, Any]) -> Usage:
         int(u.get("prompt_tokens", 0)),
         int(u.get("output_tokens", 0)),
         int(u.get("thoughts_tokens", 0)),
+        int(u.get("cached_tokens", 0)),
     )
 
 
@@ -90,7 +91,7 @@ class ChapterHandler:
                 user_message="The generation request named another chapter.",
             )
         state: dict[str, Any] = dict(chapter.get("generation_state") or {})
-        usage = _usage_of(state)
+        usage = resumed_usage = _usage_of(state)
 
         outline, usage = await self._outline(ctx, start, opts, chapter, usage)
         total = len(outline.bullets)
@@ -132,18 +133,21 @@ class ChapterHandler:
         if words is None:
             raise LeaseLost("finish_chapter refused: the lease was lost")
         ctx.report(100, "completed")
+        # This attempt's tokens (the checkpoint's earlier attempts were counted by them).
         for kind, n in (
-            ("prompt", usage.prompt_tokens),
-            ("output", usage.output_tokens),
-            ("thoughts", usage.thoughts_tokens),
+            ("prompt", usage.prompt_tokens - resumed_usage.prompt_tokens),
+            ("cached", usage.cached_tokens - resumed_usage.cached_tokens),
+            ("output", usage.output_tokens - resumed_usage.output_tokens),
+            ("thoughts", usage.thoughts_tokens - resumed_usage.thoughts_tokens),
         ):
-            ctx.metrics.model_tokens.labels(kind).inc(n)
+            ctx.metrics.model_tokens.labels(opts.model, kind).inc(max(n, 0))
         return {
             "chapter_id": payload.chapter_id,
             "words": words,
             "sections": total,
             "model": opts.model,
             "prompt_tokens": usage.prompt_tokens,
+            "cached_tokens": usage.cached_tokens,
             "output_tokens": usage.output_tokens,
             "thoughts_tokens": usage.thoughts_tokens,
             "duration_s": round(time.monotonic() - t0, 3),

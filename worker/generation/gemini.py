@@ -16,6 +16,10 @@ Design decisions (the wire and SDK facts behind them: docs/gemini-wire.md):
 * **No SDK retries.** The job queue retries with backoff and honours
   ``retry_after``; SDK retries would ignore ``RetryInfo`` and multiply attempts.
   ``HttpRetryOptions(attempts=1)`` also disables aiohttp's hidden 1-10 s retry.
+* **The fleet's budget first** (``budget``, docs/gemini-budget.md): after the local slot,
+  each request takes one request and an estimate of its tokens (prompt chars / 4 + the
+  output cap) from the model's shared budget, and settles the real usage (or the 429)
+  after it. The local RPM limiter stays as a per-process safety cap.
 * **Every ending is classified** (gemini_errors.py) into ``worker.errors`` exceptions,
   so the pipeline never sees SDK enums, ``APIError`` or transport exceptions.
 """
@@ -42,7 +46,7 @@ from worker.generation.gemini_errors import (
     translate,
     truncated,
 )
-from worker.generation.model import Outline, Usage
+from worker.generation.model import Outline, RequestBudget, Reservation, Usage
 from worker.logs import register_secret
 
 
@@ -100,6 +104,15 @@ class _ConnectTimeoutConnector(aiohttp.TCPConnector):
         return await super().connect(req, traces, timeout)
 
 
+OUTLINE_OUTPUT_ESTIMATE = 1024  # tokens reserved for the outline's answer (it has no cap)
+
+
+def estimate_tokens(system: str, prompt: str, max_output_tokens: int) -> int:
+    """What a request may cost before it is sent: its text at 4 characters a token
+    (Gemini's rule of thumb for English) plus the most it may write."""
+    return (len(system) + len(prompt)) // 4 + 1 + max_output_tokens
+
+
 class _Limiter:
     """Per-process admission: at most N requests in flight and an RPM budget.
 
@@ -153,6 +166,7 @@ class GeminiModel:
         max_concurrent_streams: int = 50,
         requests_per_minute: float | None = None,
         thinking_level: str | None = None,
+        budget: RequestBudget | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("api_key is required")
@@ -166,6 +180,7 @@ class GeminiModel:
         self.max_concurrent_streams = max_concurrent_streams
         self._thinking_level = thinking_level
         self._limiter = _Limiter(max_concurrent_streams, requests_per_minute)
+        self.budget = budget
         self._session: aiohttp.ClientSession | None = None
         self._client: genai.Client | None = None
 
@@ -238,6 +253,15 @@ class GeminiModel:
         client = self._sdk()
         await self._limiter.acquire()
         try:
+            reservation = await self._reserve(
+                model, estimate_tokens(system, prompt, OUTLINE_OUTPUT_ESTIMATE)
+            )
+        except BaseException:
+            self._limiter.release()
+            raise
+        usage: Usage | None = None
+        failure: BaseException | None = None
+        try:
             response = await client.aio.models.generate_content(
                 model=model,
                 contents=prompt,
@@ -247,16 +271,18 @@ class GeminiModel:
                     response_schema=_OutlineSchema,
                 ),
             )
+            usage = _usage(response.usage_metadata) or Usage()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if (error := self._translate(exc, received_chunks=0)) is None:
                 raise
+            failure = error
             raise error from exc
         finally:
             self._limiter.release()
+            await self._settle(reservation, usage, failure)
 
-        usage = _usage(response.usage_metadata) or Usage()
         outline_finish(response)
         return _parse_outline(response.text), usage
 
@@ -264,7 +290,22 @@ class GeminiModel:
         self, *, model: str, system: str, prompt: str, max_output_tokens: int
     ) -> GeminiSectionStream:
         config = self._config(system, max_output_tokens=max_output_tokens)
-        return GeminiSectionStream(self, model=model, prompt=prompt, config=config)
+        estimate = estimate_tokens(system, prompt, max_output_tokens)
+        return GeminiSectionStream(
+            self, model=model, prompt=prompt, config=config, estimate=estimate
+        )
+
+    async def _reserve(self, model: str, tokens: int) -> Reservation | None:
+        if self.budget is None:
+            return None
+        return await self.budget.reserve(model, tokens)
+
+    async def _settle(
+        self, reservation: Reservation | None, usage: Usage | None, error: BaseException | None
+    ) -> None:
+        if self.budget is not None and reservation is not None:
+            # Shielded: a cancelled job still gives back what it did not use.
+            await asyncio.shield(self.budget.settle(reservation, usage, error))
 
     def _translate(self, exc: BaseException, *, received_chunks: int) -> JobError | None:
         return translate(
@@ -280,9 +321,18 @@ class GeminiSectionStream:
     """
 
     def __init__(
-        self, owner: GeminiModel, *, model: str, prompt: str, config: types.GenerateContentConfig
+        self,
+        owner: GeminiModel,
+        *,
+        model: str,
+        prompt: str,
+        config: types.GenerateContentConfig,
+        estimate: int = 0,
     ) -> None:
         self._owner = owner
+        self._estimate = estimate
+        self._reservation: Reservation | None = None
+        self._error: BaseException | None = None
         self._model = model
         self._prompt = prompt
         self._config = config
@@ -299,12 +349,15 @@ class GeminiSectionStream:
         await self._owner._limiter.acquire()
         self._holds_slot = True
         try:
+            self._reservation = await self._owner._reserve(self._model, self._estimate)
             # Sends nothing yet: returns the SDK's async generator.
             self._agen = await client.aio.models.generate_content_stream(
                 model=self._model, contents=self._prompt, config=self._config
             )
-        except BaseException:
+        except BaseException as exc:
             self._release()
+            reservation, self._reservation = self._reservation, None
+            await self._owner._settle(reservation, None, exc)
             raise
         return self
 
@@ -318,6 +371,10 @@ class GeminiSectionStream:
             await self._close_stream()
         finally:
             self._release()
+            reservation, self._reservation = self._reservation, None
+            await self._owner._settle(
+                reservation, self.usage if self._chunks else None, self._error
+            )
 
     def __aiter__(self) -> GeminiSectionStream:
         return self
@@ -345,6 +402,7 @@ class GeminiSectionStream:
                     raise stalled(self._owner.idle_timeout_s, self._chunks) from exc
                 if (error := self._owner._translate(exc, received_chunks=self._chunks)) is None:
                     raise
+                self._error = error
                 raise error from exc
 
             self._chunks += 1
@@ -415,4 +473,5 @@ def _usage(meta: types.GenerateContentResponseUsageMetadata | None) -> Usage | N
         prompt_tokens=meta.prompt_token_count or 0,
         output_tokens=meta.candidates_token_count or 0,
         thoughts_tokens=meta.thoughts_token_count or 0,
+        cached_tokens=meta.cached_content_token_count or 0,
     )

@@ -21,6 +21,7 @@ class Usage:
     prompt_tokens: int = 0
     output_tokens: int = 0
     thoughts_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, served from Gemini's implicit prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -32,7 +33,29 @@ class Usage:
             self.prompt_tokens + other.prompt_tokens,
             self.output_tokens + other.output_tokens,
             self.thoughts_tokens + other.thoughts_tokens,
+            self.cached_tokens + other.cached_tokens,
         )
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What one request took from a shared budget: settled once the request is over."""
+
+    model: str
+    tokens: int
+
+
+class RequestBudget(Protocol):
+    """A budget every model request takes from first and settles after (the fleet's
+    shared Gemini budget, worker/generation/budget.py). Errors are ``JobError``s."""
+
+    async def reserve(self, model: str, tokens: int) -> Reservation:
+        """Wait for room (or raise ``RetryableJobError`` when the wait would be too long)."""
+
+    async def settle(
+        self, reservation: Reservation, used: Usage | None, error: BaseException | None
+    ) -> None:
+        """Correct the reservation with the real usage; a 429 in ``error`` cools the model."""
 
 
 @dataclass(frozen=True)

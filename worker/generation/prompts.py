@@ -72,21 +72,33 @@ def story_context(ctx: Mapping[str, Any], max_tokens: int) -> str:
     return "\n".join(parts)
 
 
-def outline_prompt(ctx: Mapping[str, Any], options: ChapterOptions, max_tokens: int) -> str:
-    chapter = ctx.get("chapter") or {}
+def stable_head(ctx: Mapping[str, Any], options: ChapterOptions, max_tokens: int) -> list[str]:
+    """What every request of a chapter begins with, byte for byte: the story, the style and
+    the author's instructions. The outline call and every section share it (sections also
+    share the plan after it), and the part that changes (the text so far, the section to
+    write) comes last, so Gemini's implicit prefix caching can serve the head from its
+    cache (docs/gemini-budget.md)."""
     story = ctx.get("story") or {}
     lines = [
         story_context(ctx, max_tokens),
         "",
+        *style_lines(options, story.get("preferences") or {}),
+    ]
+    if options.instructions:
+        lines.append(f"Author's instructions: {options.instructions}")
+    return lines
+
+
+def outline_prompt(ctx: Mapping[str, Any], options: ChapterOptions, max_tokens: int) -> str:
+    chapter = ctx.get("chapter") or {}
+    lines = [
+        *stable_head(ctx, options, max_tokens),
         f"Plan chapter {chapter.get('number')}"
         + (f" titled '{chapter['title']}'" if chapter.get("title") else "")
         + ".",
         f"Sections: {options.sections}",
         f"Target length: about {options.target_words} words in total.",
-        *style_lines(options, story.get("preferences") or {}),
     ]
-    if options.instructions:
-        lines.append(f"Author's instructions: {options.instructions}")
     lines.append(
         f"Return a chapter title and exactly {options.sections} bullets, one per "
         "section, each a one-sentence summary of what happens in it."
@@ -104,17 +116,12 @@ def section_prompt(
     words: int,
     max_tokens: int,
 ) -> str:
-    story = ctx.get("story") or {}
     plan = "\n".join(f"{i + 1}. {b}" for i, b in enumerate(bullets))
     lines = [
-        story_context(ctx, max_tokens),
-        "",
+        *stable_head(ctx, options, max_tokens),
         f"Chapter title: {title}",
         f"Chapter plan:\n{plan}",
-        *style_lines(options, story.get("preferences") or {}),
     ]
-    if options.instructions:
-        lines.append(f"Author's instructions: {options.instructions}")
     if written_tail:
         lines.append(f"The chapter so far ends with:\n...{written_tail}")
     lines.append(

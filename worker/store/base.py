@@ -120,6 +120,26 @@ def _as_dt(value: Any) -> datetime | None:
     return datetime.fromisoformat(str(value))
 
 
+@dataclass(frozen=True)
+class BudgetTake:
+    """One answer of ``gemini_budget_take``: granted, or how long to wait and why
+    ('rpm', 'tpm', 'rpd', 'cooldown', 'daily_exhausted'; ``until`` for the last two)."""
+
+    granted: bool
+    wait_s: float
+    reason: str
+    until: datetime | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> BudgetTake:
+        return cls(
+            granted=bool(row["granted"]),
+            wait_s=max(0.0, float(row["wait_s"] or 0.0)),
+            reason=str(row["reason"]),
+            until=_as_dt(row.get("until")),
+        )
+
+
 class BadJobRowError(StoreError):
     """A claimed job's row cannot be read (its payload, most often): that job fails as
     ``bad_payload`` on its first attempt; it is never an error of the claim loop."""
@@ -145,7 +165,8 @@ def decode_json(text: str | bytes) -> Any:
 
 @dataclass(frozen=True)
 class ClaimedJob:
-    """What ``claim_next_job_v3`` returns: only part of the job (step one of two).
+    """A claimed job: what ``claim_next_job_v3`` returns (part of the row), or a row of the
+    batch claim ``claim_jobs``, which also carries the full ``job`` (no get_job needed).
 
     ``payload_error`` is set when the row came back but could not be read: the runner
     then fails the job as ``bad_payload`` instead of running it.
@@ -156,6 +177,24 @@ class ClaimedJob:
     job_payload: dict[str, Any]
     retry_count: int
     payload_error: str | None = None
+    job: Job | None = None
+
+    @classmethod
+    def from_full_row(cls, row: Mapping[str, Any]) -> ClaimedJob:
+        """A ``claim_jobs`` row; a row that cannot be read keeps its id and its error."""
+        if row.get("id") is None:
+            raise StoreError("claim returned a row without id")
+        try:
+            job = Job.from_row(row)
+        except BadJobRowError as exc:
+            return cls(
+                job_id=str(row["id"]),
+                job_type=str(row.get("job_type") or "unknown"),
+                job_payload={},
+                retry_count=_int_or_zero(row.get("retry_count")),
+                payload_error=str(exc)[:400],
+            )
+        return cls(job.id, job.job_type, job.job_payload, job.retry_count, job=job)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> ClaimedJob:
@@ -212,7 +251,7 @@ class Job:
 
     @classmethod
     def _from_row(cls, row: Mapping[str, Any]) -> Job:
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        known = _JOB_FIELDS
         return cls(
             id=str(row["id"]),
             job_type=row["job_type"],
@@ -233,6 +272,9 @@ class Job:
                 k: _as_dt(v) if k.endswith("_at") else v for k, v in row.items() if k not in known
             },
         )
+
+
+_JOB_FIELDS = frozenset(f for f in Job.__dataclass_fields__ if f != "extra")
 
 
 def _int_or_zero(value: Any) -> int:

@@ -74,6 +74,7 @@ def _call_sql(fn: str, params: Mapping[str, Any], *, select_star: bool) -> str:
 
 class PostgresTransport:
     name = "postgres"
+    claim_batch_max = 1000
 
     def __init__(
         self,

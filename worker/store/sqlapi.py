@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from worker.store.base import ClaimedJob, Job, transport_retry
+from worker.store.base import BudgetTake, ClaimedJob, Job, transport_retry
 from worker.store.transport import Transport
 
 
@@ -48,6 +48,31 @@ class Store:
         )
         return ClaimedJob.from_row(rows[0]) if rows else None
 
+    async def claim_many(
+        self,
+        worker_id: str,
+        job_types: Sequence[str] | None,
+        job_lanes: Sequence[str] | None,
+        limit: int,
+        default_model: str | None = None,
+    ) -> list[ClaimedJob]:
+        """Up to ``limit`` jobs (at most the transport's ``claim_batch_max``), fairly across
+        users, each with its full row (``claim_jobs``). Chapter jobs whose model
+        (``options.model``, else ``default_model``) is in a Gemini cool-down or out of its
+        daily quota are left pending. Never retried: not idempotent."""
+        limit = min(limit, self.transport.claim_batch_max)
+        rows = await self.transport.rows(
+            "claim_jobs",
+            {
+                "p_worker_id": worker_id,
+                "p_job_types": list(job_types) if job_types else None,
+                "p_job_lanes": list(job_lanes) if job_lanes else None,
+                "p_limit": limit,
+                "p_default_model": default_model,
+            },
+        )
+        return [ClaimedJob.from_full_row(r) for r in rows]
+
     @transport_retry
     async def get_job(self, job_id: str) -> Job | None:
         """Step two of the claim: the full row."""
@@ -80,6 +105,23 @@ class Store:
                 {"p_job_id": job_id, "p_worker_id": worker_id, "p_job_result": dict(result)},
             )
         )
+
+    @transport_retry
+    async def complete_many(
+        self, worker_id: str, results: Mapping[str, Mapping[str, Any]]
+    ) -> set[str]:
+        """Complete several jobs in one call (``complete_jobs``); the ids now completed by this
+        worker. Idempotent, so retried: a repeated call returns the same ids."""
+        if not results:
+            return set()
+        done = await self.transport.column(
+            "complete_jobs",
+            {
+                "p_worker_id": worker_id,
+                "p_results": [{"job_id": j, "result": dict(r)} for j, r in results.items()],
+            },
+        )
+        return {str(j) for j in done}
 
     @transport_retry
     async def fail(
@@ -116,8 +158,53 @@ class Store:
     async def queue_stats(self) -> dict[str, Any]:
         return dict(await self.transport.value("queue_stats", {}) or {})
 
+    @transport_retry
+    async def user_load(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The busiest (user, lane) groups across all workers: processing and pending counts,
+        the lane's cap and when a claim last served them (``user_load``)."""
+        return await self.transport.rows("user_load", {"p_limit": limit})
+
     async def ping(self) -> None:
         await self.transport.value("queue_stats", {})
+
+    # -- the fleet's Gemini budget ----------------------------------------------------------
+    async def budget_take(self, model: str, tokens: int) -> BudgetTake:
+        """Take one request and ``tokens`` (an estimate) of ``model``'s shared budget, or
+        learn how long to wait. Not retried: a take is not idempotent (a lost answer
+        costs one request of budget, never an overshoot)."""
+        rows = await self.transport.rows(
+            "gemini_budget_take", {"p_model": model, "p_tokens": int(tokens)}
+        )
+        return BudgetTake.from_row(rows[0])
+
+    async def budget_settle(
+        self,
+        model: str,
+        reserved: int,
+        used: int,
+        *,
+        retry_after_s: float | None = None,
+        daily: bool = False,
+        reason: str | None = None,
+    ) -> None:
+        """Correct the reservation with the real usage; a 429's delay (``retry_after_s``)
+        or daily exhaustion becomes the fleet's cool-down for ``model``."""
+        await self.transport.value(
+            "gemini_budget_settle",
+            {
+                "p_model": model,
+                "p_reserved": int(reserved),
+                "p_used": int(used),
+                "p_retry_after_s": retry_after_s,
+                "p_daily": daily,
+                "p_reason": reason,
+            },
+        )
+
+    @transport_retry
+    async def budget_status(self) -> list[dict[str, Any]]:
+        """Every model's budget and shared state (cool-down, daily exhaustion)."""
+        return await self.transport.rows("gemini_budget_status", {})
 
     # -- chapter writes -------------------------------------------------------------
     @transport_retry

@@ -55,6 +55,10 @@ def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
 
 class SupabaseTransport:
     name = "supabase"
+    # One job per claim answer: supabase-py decodes a response whole, so a row it cannot
+    # decode (a legacy too-deep payload) would hide every job claimed with it until their
+    # leases lapse; alone, it costs only itself. Still claim_jobs: full row, no get_job.
+    claim_batch_max = 1
 
     def __init__(
         self,

@@ -24,6 +24,8 @@ class Transport(Protocol):
     """Calls SQL functions by name with named parameters; maps failures to StoreErrors."""
 
     name: str
+    # Most jobs one claim answer may carry (Store.claim_many clamps to it).
+    claim_batch_max: int
 
     async def open(self) -> None: ...
 
