@@ -37,6 +37,23 @@ begin
       return;
     end;
   end if;
+  -- The extension's functions (the vector type's input, its operators) are executable by
+  -- everyone wherever pgvector is installed normally. Created here, by the role that ran
+  -- 20261201000100_input_limits.sql (which revokes EXECUTE from PUBLIC on whatever that
+  -- role creates later), they would not be: give back exactly what pgvector expects.
+  declare
+    f regprocedure;
+  begin
+    for f in
+      select p.oid::regprocedure from pg_proc p
+        join pg_depend d on d.classid = 'pg_proc'::regclass and d.objid = p.oid and d.deptype = 'e'
+        join pg_extension e on e.oid = d.refobjid and e.extname = 'vector'
+       where not has_function_privilege('public', p.oid, 'execute')
+         and pg_get_userbyid(p.proowner) = current_user
+    loop
+      execute format('grant execute on function %s to public', f);
+    end loop;
+  end;
   -- Wherever the extension lives (Supabase: extensions; an older project: maybe public).
   select n.nspname,
          string_to_array(split_part(e.extversion, '-', 1), '.')::int[] >= array[0, 8, 0]
@@ -328,7 +345,8 @@ end $fn$;
 create or replace function public.enqueue_chapter_embeddings(
   p_story_id uuid default null, p_only_missing boolean default false,
   p_model text default null, p_limit integer default 1000)
-returns setof uuid language plpgsql volatile set search_path = public, pg_temp as $fn$
+returns setof uuid language plpgsql volatile security definer
+set search_path = public, pg_temp as $fn$
 declare
   v_chapter uuid;
   v_job uuid;
