@@ -12,7 +12,8 @@ asyncpg (top 4, similarity threshold 0 so every call returns a full set: the wor
 for the notes), and the notes block ``format_notes`` builds from it.
 
 Prints p50/p95/max latency of the call, recall of the plan PostgreSQL chose against an
-exact scan (HNSW may trade some), and the notes' tokens per section. Exits 1 when the
+exact scan (HNSW may trade some; a returned row counts when it is at least as close as the
+exact k-th), and the notes' tokens per section. Exits 1 when the
 stated targets fail: p95 latency <= 50 ms, recall@4 >= 0.9.
 """
 
@@ -104,11 +105,18 @@ async def run(args: argparse.Namespace) -> int:
         owner = await create_user(admin)
         story = await create_story(admin, owner)
         t0 = time.monotonic()
+        # Loaded without the HNSW index, which is then built in one pass (as the migration
+        # defines it): row-by-row index inserts would make the fixture take minutes.
+        hnsw = await admin.fetchval(
+            "select pg_get_indexdef('public.story_passages_embedding_idx'::regclass)"
+        )
+        await admin.execute("drop index public.story_passages_embedding_idx")
         await fill(admin, story, owner, args.chapters, args.per_chapter, seed=2)
         for i in range(args.other_stories):
             other_owner = await create_user(admin)
             other = await create_story(admin, other_owner)
             await fill(admin, other, other_owner, args.chapters // 5 or 1, args.per_chapter, 10 + i)
+        await admin.execute(hnsw)
         await admin.execute("analyze story_passages; analyze chapters")
         total = await admin.fetchval("select count(*) from story_passages")
         mine = await admin.fetchval(
@@ -173,15 +181,17 @@ async def run(args: argparse.Namespace) -> int:
                 )
                 latencies.append((time.perf_counter() - t) * 1000)
                 truth = await exact.fetch(
-                    "select chapter_number, ordinal from match_story_passages($1, 'bench', $2,"
-                    " $3, $4, 0.0, '{}')",
+                    "select similarity from match_story_passages($1, 'bench', $2, $3, $4, 0.0,"
+                    " '{}')",
                     job,
                     json.dumps(query),
                     embedder.model,
                     TOP_K,
                 )
-                got = {(r["chapter_number"], r["ordinal"]) for r in rows}
-                hits += len(got & {(r["chapter_number"], r["ordinal"]) for r in truth})
+                # A hit is a row at least as close as the exact k-th (hashed features tie
+                # often, and either of two tied rows is a right answer).
+                kth = min((r["similarity"] for r in truth), default=1.0)
+                hits += sum(1 for r in rows if r["similarity"] >= kth - 1e-9)
                 notes = format_notes(rows, args.memory_max_tokens)
                 tokens.append(notes.tokens)
                 passages_kept.append(notes.passages)

@@ -206,6 +206,7 @@ async def test_regeneration_drops_passages_and_a_stale_job_writes_nothing(conn, 
     ("mutate", "fragment"),
     [
         (lambda p: p[0].update(embedding=[0.1] * 5), "768"),
+        (lambda p: p[0].update(embedding=[0.5] * 768), "unit length"),
         (lambda p: p[0].update(content="not the text"), "chapter text at its offsets"),
         (lambda p: p[0].update(start_offset=-1), "offsets"),
         (lambda p: p[0].update(ordinal="1; drop table x"), "ordinal"),
@@ -341,7 +342,7 @@ async def test_retrieval_looks_only_at_earlier_chapters_of_the_story(conn, memor
     assert await match(basis((200, 1.0)), carried={"1": 30, "2": "x"}) == [(2, 2, 1.0)]
     # A worker that does not hold the job gets nothing.
     assert await match(basis((2, 1.0)), worker="other") == []
-    for bad in ([0.1] * 3, {"a": 1}):
+    for bad in ([0.1] * 3, {"a": 1}, [0.5] * 768):
         with pytest.raises(asyncpg.PostgresError) as err:
             await match(bad)
         assert err.value.sqlstate == "PT400"
