@@ -301,6 +301,7 @@ declare
   q vector(768);
   v_cut jsonb;
   v_count integer;
+  v_exact_max integer;
 begin
   perform 1 from public.job_queue
    where id = p_job_id and worker_id = p_worker_id and status = 'processing';
@@ -344,11 +345,14 @@ begin
   -- the k smallest kept; exact by construction, about 10 ms at 10,000 passages
   -- (bench/retrieval.py). Beyond that the HNSW index answers, approximately.
   -- Distances are negated inner products (<#>): on unit vectors, -cosine similarity.
+  -- genworker.memory_exact_max (e.g. `alter database ... set`) moves the boundary.
+  v_exact_max := coalesce(nullif(current_setting('genworker.memory_exact_max', true), '')::integer,
+                          20000);
   select count(*) into v_count from (
     select 1 from public.story_passages p
      where p.story_id = ch.story_id and p.model = p_model and p.chapter_number < ch.number
-     limit 20001) s;
-  if v_count <= 20000 then
+     limit v_exact_max + 1) s;
+  if v_count <= v_exact_max then
     return query
     with scored as materialized (
       select p.chapter_id, p.chapter_number, p.ordinal, p.embedding <#> q as distance

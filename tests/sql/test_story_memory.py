@@ -340,6 +340,15 @@ async def test_retrieval_looks_only_at_earlier_chapters_of_the_story(conn, memor
     assert await match(basis((200, 1.0))) == [(1, 2, 1.0), (2, 2, 1.0)]
     assert await match(basis((200, 1.0)), carried={"2": 30}) == [(1, 2, 1.0)]
     assert await match(basis((200, 1.0)), carried={"1": 30, "2": "x"}) == [(2, 2, 1.0)]
+    # The same answers through the HNSW index (the path of stories over 20,000 passages).
+    await conn.execute("set genworker.memory_exact_max = 0")
+    try:
+        assert await match(basis((2, 1.0))) == [(2, 0, 1.0), (2, 1, 0.6)]
+        assert await match(basis((100, 1.0))) == [(1, 1, 0.8), (2, 1, 0.8)]
+        assert await match(basis((200, 1.0)), carried={"2": 30}) == [(1, 2, 1.0)]
+        assert await match(basis((4, 1.0))) == []
+    finally:
+        await conn.execute("reset genworker.memory_exact_max")
     # A worker that does not hold the job gets nothing.
     assert await match(basis((2, 1.0)), worker="other") == []
     for bad in ([0.1] * 3, {"a": 1}, [0.5] * 768):
