@@ -120,7 +120,8 @@ async def run(args: argparse.Namespace) -> int:
             await fill(admin, other, other_owner, args.chapters // 5 or 1, args.per_chapter, 10 + i)
         await admin.execute(hnsw)
         # As autovacuum leaves an insert-only table: statistics and the visibility map set.
-        await admin.execute("vacuum analyze story_passages; analyze chapters")
+        await admin.execute("vacuum analyze story_passages")
+        await admin.execute("analyze chapters")
         total = await admin.fetchval("select count(*) from story_passages")
         mine = await admin.fetchval(
             "select count(*) from story_passages where story_id = $1", story

@@ -340,10 +340,11 @@ begin
     from public.chapters c
    where c.story_id = ch.story_id and c.number < ch.number
      and coalesce(p_carried ->> c.number::text, '') ~ '^[0-9]{1,9}$';
-  -- A story of up to 20,000 passages (a very long novel) is searched exactly: its rows come
-  -- off the (story_id, model, chapter_number) index, each distance is computed once and
-  -- the k smallest kept; exact by construction, about 10 ms at 10,000 passages
-  -- (bench/retrieval.py). Beyond that the HNSW index answers, approximately.
+  -- A story of up to 20,000 passages (a very long novel) is searched exactly: its rows
+  -- (found through the (story_id, model, chapter_number) index or a scan, as the planner
+  -- sees fit), each distance computed once, the k smallest kept. Exact by construction and
+  -- linear in the story's size (bench/retrieval.py has the figures); beyond that the HNSW
+  -- index answers, approximately, in about constant time.
   -- Distances are negated inner products (<#>): on unit vectors, -cosine similarity.
   -- genworker.memory_exact_max (e.g. `alter database ... set`) moves the boundary.
   v_exact_max := coalesce(nullif(current_setting('genworker.memory_exact_max', true), '')::integer,
@@ -358,7 +359,9 @@ begin
       select p.chapter_id, p.chapter_number, p.ordinal, p.embedding <#> q as distance
         from public.story_passages p
        where p.story_id = ch.story_id and p.model = p_model and p.chapter_number < ch.number
-         and p.start_offset < coalesce((v_cut ->> p.chapter_number::text)::integer, 2147483647)),
+         and (v_cut = '{}'::jsonb  -- planned per call: with no tail carried, no test per row
+              or p.start_offset < coalesce((v_cut ->> p.chapter_number::text)::integer,
+                                           2147483647))),
     nearest as (
       select s.* from scored s
        where s.distance <= -p_min_similarity
@@ -378,7 +381,8 @@ begin
            p.embedding <#> q as distance
       from public.story_passages p
      where p.story_id = ch.story_id and p.chapter_number < ch.number and p.model = p_model
-       and p.start_offset < coalesce((v_cut ->> p.chapter_number::text)::integer, 2147483647)
+       and (v_cut = '{}'::jsonb
+            or p.start_offset < coalesce((v_cut ->> p.chapter_number::text)::integer, 2147483647))
      order by p.embedding <#> q
      limit p_match_count)
   select n.chapter_number, n.ordinal, n.start_offset, n.end_offset, n.content, -n.distance
