@@ -66,6 +66,10 @@ grant execute on function auth.jwt(), auth.uid(), auth.role() to anon, authentic
 -- revokes in the migrations are what protect the data. Reproduce that here so the
 -- tests prove the migrations' revokes, not an empty default.
 grant usage on schema public to anon, authenticated, service_role;
+-- Supabase keeps extensions (pgvector among them) in their own schema, usable by the API
+-- roles; `create extension ... with schema extensions` is the platform's convention.
+create schema if not exists extensions;
+grant usage on schema extensions to anon, authenticated, service_role;
 alter default privileges in schema public grant all on tables to anon, authenticated, service_role;
 alter default privileges in schema public grant all on functions to anon, authenticated, service_role;
 alter default privileges in schema public grant all on sequences to anon, authenticated, service_role;
@@ -88,6 +92,7 @@ begin
   execute format('grant usage on schema auth to %I', v_owner);
   execute format('grant select, references on auth.users to %I', v_owner);
   execute format('grant usage, create on schema public to %I', v_owner);
+  execute format('grant usage on schema extensions to %I', v_owner);
   foreach v_kind in array array['tables', 'functions', 'sequences'] loop
     execute format('alter default privileges for role %I in schema public grant all on %s'
                    ' to anon, authenticated, service_role', v_owner, v_kind);

@@ -39,6 +39,7 @@ COMMANDS = (
     "requeue",
     "migrate",
     "dashboard",
+    "embed",
 )
 
 
@@ -143,6 +144,34 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         _with_store(lambda s: s.requeue_failed(args.ids or None, args.type, args.since, args.limit))
     )
     _print({"requeued": ids, "count": len(ids)})
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Queue chapter_embedding jobs: a story's chapters, or every chapter missing them."""
+    from worker.cli_errors import CommandFailed
+    from worker.generation.embeddings import HashedEmbedder
+    from worker.store.base import MissingFunctionError
+
+    if bool(args.story) == bool(args.all_missing):
+        raise UsageError("give --story ID or --all-missing (one of them)")
+    settings = _settings("store")
+    offline = settings.generation_provider == "offline"
+    model = HashedEmbedder.model if offline else settings.gemini_embedding_model
+
+    async def go(store: Store) -> list[str]:
+        return await store.enqueue_chapter_embeddings(
+            args.story, only_missing=args.all_missing, model=model, limit=args.limit
+        )
+
+    try:
+        ids = asyncio.run(_with_store(go))
+    except MissingFunctionError:
+        raise CommandFailed(
+            "story memory is not installed in this database (pgvector is not available "
+            'there); see README "Story memory"'
+        ) from None
+    _print({"queued": ids, "count": len(ids)})
     return 0
 
 
@@ -538,6 +567,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=positive_int, default=1000, help="at most this many (default 1000)"
     )
     rq.set_defaults(fn=cmd_requeue)
+
+    emb = sub.add_parser(
+        "embed",
+        help="queue story-memory embedding jobs for existing chapters",
+        description="Queue chapter_embedding jobs: every completed chapter of one story "
+        "(--story, e.g. after changing GEMINI_EMBEDDING_MODEL), or every completed chapter "
+        "without current passages (--all-missing). A job already waiting is reused.",
+    )
+    emb.add_argument("--story", type=uuid_arg, help="story id (uuid)")
+    emb.add_argument("--all-missing", action="store_true", help="every chapter missing passages")
+    emb.add_argument(
+        "--limit", type=positive_int, default=1000, help="at most this many (default 1000)"
+    )
+    emb.set_defaults(fn=cmd_embed)
 
     for action, what in (
         ("cancel", "cancel a pending, processing or paused job (its chapter keeps its text)"),

@@ -80,6 +80,16 @@ def _float(low: float, *, above: bool = False) -> Callable[[str], float]:
     return parse
 
 
+def _similarity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise Invalid("must be a cosine similarity from -1 to 1, such as 0.65") from None
+    if not -1.0 <= value <= 1.0:  # NaN fails too
+        raise Invalid("must be a cosine similarity from -1 to 1, such as 0.65")
+    return value
+
+
 def _choice(*options: str, upper: bool = False) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.upper() if upper else text.lower()
@@ -289,6 +299,12 @@ VARIABLES: tuple[Variable, ...] = (
         _choice("default", "minimal", "low", "medium", "high"),
     ),
     _v(
+        "GEMINI_EMBEDDING_MODEL",
+        "gemini-embedding-001",
+        "Embedding model of story memory (768-dimension vectors; offline: hashed features)",
+        _GEMINI,
+    ),
+    _v(
         "WORKER_ID",
         None,
         "Id of this process; leave empty so each process derives a unique one",
@@ -370,6 +386,27 @@ VARIABLES: tuple[Variable, ...] = (
         "Token budget of the context in each section prompt",
         _WORKER,
         _int(0),
+    ),
+    _v(
+        "MEMORY_MAX_TOKENS",
+        "800",
+        "Story memory's share of CONTEXT_MAX_TOKENS in each section prompt; 0 turns it off",
+        _WORKER,
+        _int(0),
+    ),
+    _v(
+        "MEMORY_TOP_K",
+        "4",
+        "Passages of earlier chapters retrieved per section, at most",
+        _WORKER,
+        _int(1, 50),
+    ),
+    _v(
+        "MEMORY_MIN_SIMILARITY",
+        "0.65",
+        "Cosine similarity a passage needs to be retrieved (depends on the embedding model)",
+        _WORKER,
+        _similarity,
     ),
     _v(
         "HEALTH_CHECK_PORT",
@@ -470,6 +507,7 @@ class Settings:
     gemini_section_retries: int
     gemini_max_rate_limit_wait_s: float
     gemini_thinking_level: str
+    gemini_embedding_model: str
     worker_id: str
     worker_id_source: WorkerIdSource
     worker_concurrency: int
@@ -487,6 +525,9 @@ class Settings:
     flush_chars: int
     context_tail_chars: int
     context_max_tokens: int
+    memory_max_tokens: int
+    memory_top_k: int
+    memory_min_similarity: float
     health_port: int
     health_host: str
     app_env: str
@@ -776,6 +817,13 @@ def _cross_checks(values: dict[str, Any], given: set[str]) -> list[str]:
         problems.append(
             f"GEMINI_ALLOWED_MODELS: must include GEMINI_MODEL ({model!r}), "
             f"got {', '.join(allowed)!r}"
+        )
+
+    memory, context = values["memory_max_tokens"], values["context_max_tokens"]
+    if memory and context is not None and memory >= context:
+        problems.append(
+            f"MEMORY_MAX_TOKENS: must be below CONTEXT_MAX_TOKENS ({context}), of which it is "
+            f"a share, or 0 to turn story memory off; got {memory}"
         )
 
     for low, high in (

@@ -1,7 +1,8 @@
 """The job types this worker knows, by name.
 
 ``noop`` completes at once (or after ``sleep_s``): an operator's smoke test and
-the benchmark's unit of work. ``chapter_generation`` is the product.
+the benchmark's unit of work. ``chapter_generation`` is the product; ``chapter_embedding``
+keeps its story memory.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ async def noop(ctx: JobContext) -> Mapping[str, Any]:
     return {"ok": True, "slept_s": sleep_s}
 
 
-def build_handlers(chapter: Handler | None) -> dict[str, Handler]:
+def build_handlers(chapter: Handler | None, embedding: Handler | None = None) -> dict[str, Handler]:
     handlers: dict[str, Handler] = {"noop": noop}
     if chapter is not None:
         from worker.generation.chapter import JOB_TYPE
 
         handlers[JOB_TYPE] = chapter
+    if embedding is not None:
+        from worker.generation.embedding_job import JOB_TYPE as EMBEDDING
+
+        handlers[EMBEDDING] = embedding
     return handlers

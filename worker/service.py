@@ -18,6 +18,9 @@ from typing import Any
 from worker.config import Settings
 from worker.generation.budget import FleetBudget
 from worker.generation.chapter import ChapterHandler, GenerationConfig
+from worker.generation.embedding_job import ChapterEmbeddingHandler
+from worker.generation.embeddings import Embedder
+from worker.generation.memory import MemoryConfig, StoryMemory
 from worker.generation.model import RequestBudget, TextModel
 from worker.handlers import build_handlers
 from worker.health import WATCHDOG_LIMIT_S, LoopMonitor, start_health_server
@@ -70,6 +73,30 @@ def build_model(
         if settings.gemini_thinking_level == "default"
         else settings.gemini_thinking_level.upper(),
         budget=budget,
+    )
+
+
+def build_embedder(settings: Settings) -> Embedder:
+    """Story memory's embedder: Gemini's, or hashed word features with the offline model."""
+    if settings.generation_provider == "offline":
+        from worker.generation.embeddings import HashedEmbedder
+
+        return HashedEmbedder()
+    from worker.generation.gemini_embed import GeminiEmbedder
+
+    return GeminiEmbedder(
+        api_key=settings.gemini_api_key or "",
+        model=settings.gemini_embedding_model,
+        base_url=settings.gemini_base_url,
+        request_timeout_s=min(settings.gemini_request_timeout_s, 120.0),
+    )
+
+
+def memory_config(settings: Settings) -> MemoryConfig:
+    return MemoryConfig(
+        top_k=settings.memory_top_k,
+        min_similarity=settings.memory_min_similarity,
+        max_tokens=settings.memory_max_tokens,
     )
 
 
@@ -147,12 +174,20 @@ def install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: Callable[[], 
 class Worker:
     """The running process: built by ``start()``, torn down by ``close()``."""
 
-    def __init__(self, settings: Settings, *, model: TextModel | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        model: TextModel | None = None,
+        embedder: Embedder | None = None,
+    ) -> None:
         self.settings = settings
         self._model = model
+        self._embedder = embedder
         self.metrics = Metrics()
         self.store: Store | None = None
         self.model: TextModel | None = None
+        self.embedder: Embedder | None = None
         self.runner: Runner | None = None
         self.budget: FleetBudget | None = None
         self.monitor = LoopMonitor()
@@ -170,7 +205,13 @@ class Worker:
             self._tasks.append(asyncio.create_task(self.budget.watch(), name="budget-watch"))
         self.model = self._model or build_model(s, budget=self.budget)
         self.model.open()
-        handlers = build_handlers(ChapterHandler(self.model, generation_config(s)))
+        self.embedder = self._embedder or build_embedder(s)
+        self.embedder.open()
+        memory = StoryMemory(self.embedder, memory_config(s))
+        handlers = build_handlers(
+            ChapterHandler(self.model, generation_config(s), memory),
+            ChapterEmbeddingHandler(self.embedder),
+        )
         self.runner = Runner(self.store, runner_config(s), handlers, self.metrics)
         self._tasks.append(asyncio.create_task(self.monitor.run(), name="loop-monitor"))
         self.monitor.start_watchdog(WATCHDOG_LIMIT_S)
@@ -194,6 +235,8 @@ class Worker:
             await self._health.cleanup()
         if self.model is not None:
             await self.model.aclose()
+        if self.embedder is not None:
+            await self.embedder.aclose()
         if self.store is not None:
             await self.store.close()
 

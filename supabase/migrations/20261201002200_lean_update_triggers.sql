@@ -38,25 +38,37 @@ end $$;
 
 create or replace function public.job_queue_sync_chapters() returns trigger
 language plpgsql security definer set search_path = public, pg_temp as $$
+declare
+  ch public.chapters;
 begin
-  update public.chapters c
-     set status = case n.status when 'pending' then 'queued' else n.status end,
-         current_step = case
-           when n.status <> 'pending' then n.status
-           when o.status = 'processing' and n.retry_count > o.retry_count
-             then left('retrying: ' || coalesce(n.error_details ->> 'user_message', 'transient error'), 300)
-           else 'waiting for a worker' end,
-         progress = case when n.status = 'completed' then 100 else c.progress end,
-         error_message = case when n.status = 'failed'
-                              then coalesce(n.error_details ->> 'user_message',
-                                            n.error_details ->> 'message', 'Generation failed.')
-                              else c.error_message end
-    from new_rows n
-    join old_rows o on o.id = n.id
-   where c.generation_job_id = n.id
-     and n.status is distinct from o.status
-     and n.status in ('pending', 'paused', 'cancelled', 'failed', 'completed')
-     and (n.status <> 'completed' or c.status <> 'completed');
+  -- A chapter follows its job; when generation stops short of completion (back to the
+  -- queue, paused, cancelled, failed) its streamed text becomes chapters.content
+  -- (20261201001000), and readers on the private topic get the new status.
+  for ch in
+    update public.chapters c
+       set content = case when n.status = 'completed' then c.content
+                          else coalesce(public.genworker_chunks_text(c.id), c.content) end,
+           status = case n.status when 'pending' then 'queued' else n.status end,
+           current_step = case
+             when n.status <> 'pending' then n.status
+             when o.status = 'processing' and n.retry_count > o.retry_count
+               then left('retrying: ' || coalesce(n.error_details ->> 'user_message', 'transient error'), 300)
+             else 'waiting for a worker' end,
+           progress = case when n.status = 'completed' then 100 else c.progress end,
+           error_message = case when n.status = 'failed'
+                                then coalesce(n.error_details ->> 'user_message',
+                                              n.error_details ->> 'message', 'Generation failed.')
+                                else c.error_message end
+      from new_rows n
+      join old_rows o on o.id = n.id
+     where c.generation_job_id = n.id
+       and n.status is distinct from o.status
+       and n.status in ('pending', 'paused', 'cancelled', 'failed', 'completed')
+       and (n.status <> 'completed' or c.status <> 'completed')
+    returning c.*
+  loop
+    perform public.genworker_broadcast_status(ch, char_length(ch.content));
+  end loop;
   return null;
 end $$;
 

@@ -103,6 +103,35 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("table", "stories", "service_role"): ALL_TABLE,
 }
 
+# Story memory (20261201004000_story_memory.sql) exists only where pgvector does: owners
+# read their passages under RLS; the worker's functions are service_role's.
+MEMORY_ALLOWED: dict[tuple[str, str, str], str] = {
+    ("table", "story_passages", "authenticated"): "SELECT",
+    ("table", "story_passages", "service_role"): "DELETE,INSERT,SELECT",
+    **{
+        ("function", sig, "service_role"): "EXECUTE"
+        for sig in (
+            "chapter_embedding_source(uuid,text)",
+            "enqueue_chapter_embeddings(uuid,boolean,text,integer)",
+            "match_story_passages(uuid,text,jsonb,text,integer,double precision,jsonb)",
+            "replace_chapter_passages(uuid,text,uuid,text,text,jsonb)",
+            "story_memory_size(uuid,text,text)",
+        )
+    },
+}
+
+
+async def expected_grants(conn: asyncpg.Connection) -> dict[tuple[str, str, str], str]:
+    """The allow-list for this database: with the memory entries where it was installed,
+    which must be wherever the vector extension is (so the condition cannot hide a miss)."""
+    installed = await conn.fetchval("select to_regclass('public.story_passages') is not null")
+    vector = await conn.fetchval(
+        "select exists (select 1 from pg_extension where extname = 'vector')"
+    )
+    assert installed == vector, "story memory must be installed exactly where pgvector is"
+    return {**ALLOWED, **MEMORY_ALLOWED} if installed else dict(ALLOWED)
+
+
 # Every table, view, sequence and function in public, with its effective ACL (the
 # built-in default when none is stored: functions are executable by PUBLIC then).
 GRANTS_SQL = """
@@ -139,8 +168,9 @@ async def live_grants(conn: asyncpg.Connection) -> dict[tuple[str, str, str], st
 
 async def test_every_public_object_has_exactly_the_allowed_grants(conn) -> None:
     live = await live_grants(conn)
-    unexpected = {k: v for k, v in live.items() if ALLOWED.get(k) != v}
-    missing = {k: v for k, v in ALLOWED.items() if k not in live}
+    allowed = await expected_grants(conn)
+    unexpected = {k: v for k, v in live.items() if allowed.get(k) != v}
+    missing = {k: v for k, v in allowed.items() if k not in live}
     assert unexpected == {}, "grants not on the allow-list (add them there or revoke them)"
     assert missing == {}, "allow-listed grants that no longer exist"
 

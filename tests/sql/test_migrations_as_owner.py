@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from tests.sql.test_grants import ALLOWED, live_grants
+from tests.sql.test_grants import expected_grants, live_grants
 from tests.support.seed import as_role, claim, create_chapter, create_story, create_user
 from worker.migrate import apply_bootstrap, apply_migrations, migrations
 
@@ -48,7 +48,7 @@ async def test_migrations_apply_as_a_non_superuser_owner(pg_server) -> None:
             "select pg_get_userbyid(relowner) from pg_class where relname = 'job_queue'"
         )
         assert job_queue_owner == OWNER
-        assert await live_grants(owner) == ALLOWED
+        assert await live_grants(owner) == await expected_grants(owner)
         # And the app and the worker work through it.
         platform = await asyncpg.connect(dsn)  # Supabase Auth creates users, not the owner
         try:

@@ -6,6 +6,11 @@ unmodified google-genai SDK over the transport we ship:
 * ``POST /{version}/models/{model}:streamGenerateContent?alt=sse`` answers with
   ``data: {json}\\r\\n\\r\\n`` events, ``text/event-stream``, chunked;
 * ``POST /{version}/models/{model}:generateContent`` answers with one JSON object;
+* ``POST /{version}/models/{model}:batchEmbedContents`` (what the SDK's ``embed_content``
+  sends) and ``:embedContent`` answer with embeddings (docs/gemini-wire.md §7): hashed
+  word features (``worker.generation.embeddings.hashed_embedding``), so texts that share
+  rare words are close and retrieval can be tested; deterministic; like the real service
+  not normalized below 3072 dimensions; more than 100 requests in a batch is a 400;
 * errors are ``application/json`` ``{"error": {...}}`` bodies with
   ``google.rpc.RetryInfo`` / ``QuotaFailure`` details.
 
@@ -46,6 +51,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from worker.generation.embeddings import hashed_embedding
 
 _WORDS = (
     "the river lantern quiet morning stone harbor wind letter garden old road night "
@@ -424,6 +431,8 @@ class FakeGemini:
         try:
             if behaviour.kind == "http_error":
                 return self._error_response(behaviour)
+            if action in ("batchEmbedContents", "embedContent"):
+                return await self._embed(request, record, behaviour)
             if streaming:
                 return await self._stream(request, record, behaviour)
             return await self._unary(request, record, behaviour)
@@ -497,6 +506,20 @@ class FakeGemini:
     @property
     def rate_limited(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.rate_limited]
+
+    async def _embed(
+        self, request: web.Request, record: RecordedRequest, b: Behaviour
+    ) -> web.StreamResponse:
+        if b.kind == "disconnect":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        response: web.StreamResponse = await _embed_response(self, record, b)
+        return response
+
+    @property
+    def embed_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.action in ("batchEmbedContents", "embedContent")]
 
     def _error_response(self, b: Behaviour) -> web.Response:
         status_text = b.status_text or _STATUS_TEXT.get(b.status, "UNKNOWN")
@@ -675,6 +698,56 @@ class FakeGemini:
         return web.json_response(event)
 
 
+EMBED_BATCH_LIMIT = 100
+FULL_DIMENSIONS = 3072
+
+
+def fake_embedding(text: str, dimensions: int = FULL_DIMENSIONS) -> list[float]:
+    """The fake's vector for a text: hashed word features, unit length only at the full
+    3072 dimensions (as the real API), scaled by 3 below it; a text without words gets a
+    fixed direction rather than zeros."""
+    vector = hashed_embedding(text, dimensions)
+    if not any(vector):
+        vector[0] = 1.0
+    norm = math.sqrt(sum(x * x for x in vector))
+    scale = 1.0 / norm if dimensions == FULL_DIMENSIONS else 3.0 / norm
+    return [round(x * scale, 7) for x in vector]
+
+
+def _embed_text(request: Any) -> str:
+    content = (request or {}).get("content") or {}
+    return "\n".join(
+        part.get("text", "") for part in content.get("parts") or [] if isinstance(part, dict)
+    )
+
+
+async def _embed_response(fake: FakeGemini, record: RecordedRequest, b: Behaviour) -> Any:
+    """One ``embedContent`` or ``batchEmbedContents`` answer for ``record``."""
+    body = record.body if isinstance(record.body, dict) else {}
+    batch = record.action == "batchEmbedContents"
+    requests = body.get("requests") if batch else [body]
+    if not isinstance(requests, list) or not requests:
+        return fake._error_response(http_error(400, message="requests must not be empty."))
+    if len(requests) > EMBED_BATCH_LIMIT:
+        return fake._error_response(
+            http_error(
+                400,
+                message=f"* BatchEmbedContentsRequest.requests: at most {EMBED_BATCH_LIMIT} "
+                "requests can be in one batch",
+            )
+        )
+    if b.kind == "stall":
+        await asyncio.sleep(b.seconds)
+    vectors = []
+    for item in requests:
+        dims = int((item or {}).get("outputDimensionality") or FULL_DIMENSIONS)
+        vectors.append({"values": fake_embedding(_embed_text(item), dims)})
+        record.text_sent += _embed_text(item)
+    record.completed = True
+    record.chunks_sent = 1
+    return web.json_response({"embeddings": vectors} if batch else {"embedding": vectors[0]})
+
+
 async def start_fake_gemini(**kwargs: Any) -> FakeGemini:
     """Start a fake on 127.0.0.1:<free port>; the caller must ``await fake.close()``."""
     return await FakeGemini(**kwargs).start()
@@ -688,6 +761,7 @@ __all__ = [
     "default_outline",
     "default_text",
     "disconnect_after",
+    "fake_embedding",
     "finish_with",
     "http_error",
     "malformed_json",

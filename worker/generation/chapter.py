@@ -19,9 +19,10 @@ from typing import Any
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from worker.errors import JobError, LeaseLost, PermanentJobError, RetryableJobError
+from worker.generation.memory import ChapterMemory, StoryMemory, section_query
 from worker.generation.model import Outline, TextModel, Usage
 from worker.generation.payload import ChapterOptions, parse_payload
-from worker.generation.prompts import SYSTEM, outline_prompt, section_prompt
+from worker.generation.prompts import SYSTEM, carried_tails, outline_prompt, section_prompt
 from worker.generation.writer import ChapterWriter
 from worker.jobs import JobContext
 
@@ -65,9 +66,12 @@ def _usage_of(state: Mapping[str, Any]) -> Usage:
 class ChapterHandler:
     """Registered for ``chapter_generation``; one instance serves every slot."""
 
-    def __init__(self, model: TextModel, config: GenerationConfig) -> None:
+    def __init__(
+        self, model: TextModel, config: GenerationConfig, memory: StoryMemory | None = None
+    ) -> None:
         self.model = model
         self.config = config
+        self.memory = memory
 
     async def __call__(self, ctx: JobContext) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -107,10 +111,11 @@ class ChapterHandler:
         )
         tail = str(chapter.get("content_tail") or "")
         words_per_section = max(50, opts.target_words // total)
+        memory = await self.memory.for_chapter(ctx) if self.memory is not None else None
         try:
             for index in range(done, total):
                 tail, usage = await self._section(
-                    ctx, writer, start, opts, outline, index, tail, words_per_section, usage
+                    ctx, writer, start, opts, outline, index, tail, words_per_section, usage, memory
                 )
                 checkpoint = {
                     "sections_done": index + 1,
@@ -141,7 +146,7 @@ class ChapterHandler:
             ("thoughts", usage.thoughts_tokens - resumed_usage.thoughts_tokens),
         ):
             ctx.metrics.model_tokens.labels(opts.model, kind).inc(max(n, 0))
-        return {
+        result: dict[str, Any] = {
             "chapter_id": payload.chapter_id,
             "words": words,
             "sections": total,
@@ -155,6 +160,10 @@ class ChapterHandler:
             "writes": writer.writes,
             "bytes_written": writer.bytes_sent,
         }
+        if memory is not None:
+            result["memory_passages"] = memory.passages
+            result["memory_tokens"] = memory.tokens
+        return result
 
     async def _outline(
         self,
@@ -237,11 +246,19 @@ class ChapterHandler:
         tail: str,
         words: int,
         usage: Usage,
+        memory: ChapterMemory | None = None,
     ) -> tuple[str, Usage]:
         total = len(outline.bullets)
         step = f"section {index + 1}/{total}: {outline.bullets[index]}"[:160]
         expected_chars = words * CHARS_PER_WORD
         section_start = writer.offset
+        context_tokens, notes = self.config.context_max_tokens, ""
+        if memory is not None:
+            # Memory's budget comes out of the context's, the same for every section of
+            # the chapter, so the stable head of the prompt stays the same.
+            context_tokens = max(0, context_tokens - memory.max_tokens)
+            query = section_query(outline.bullets[index], outline.title, opts.instructions)
+            notes = (await memory.recall(query, carried_tails(start, context_tokens))).notes
         prompt = section_prompt(
             start,
             opts,
@@ -250,7 +267,8 @@ class ChapterHandler:
             index,
             tail[-self.config.tail_chars :],
             words,
-            self.config.context_max_tokens,
+            context_tokens,
+            memory_notes=notes,
         )
         async for attempt in self._retrying(f"section {index + 1}"):
             with attempt:

@@ -48,28 +48,40 @@ def style_lines(options: ChapterOptions, preferences: Mapping[str, Any]) -> list
     return lines
 
 
-def story_context(ctx: Mapping[str, Any], max_tokens: int) -> str:
-    """Story premise plus the tail of earlier chapters, newest kept first, within a token cap."""
+def _story_parts(ctx: Mapping[str, Any], max_tokens: int) -> tuple[list[str], dict[int, int]]:
+    """The context lines, and how many characters of each earlier chapter's tail they carry."""
     story = ctx.get("story") or {}
     parts = [f"Story title: {story.get('title', '')}", f"Premise: {story.get('premise', '')}"]
     budget = max_tokens - sum(approx_tokens(p) for p in parts)
     previous: Sequence[Mapping[str, Any]] = ctx.get("previous") or []
     kept: list[str] = []
+    carried: dict[int, int] = {}
     for chap in reversed(previous):  # the nearest chapters matter most
-        block = (
-            f"Chapter {chap.get('number')}: {chap.get('title') or 'untitled'}\n"
-            f"...{chap.get('tail', '')}"
-        )
+        tail = str(chap.get("tail", ""))
+        block = f"Chapter {chap.get('number')}: {chap.get('title') or 'untitled'}\n...{tail}"
         cost = approx_tokens(block)
         if cost > budget:
             if budget > 50:
                 kept.append(block[-budget * CHARS_PER_TOKEN :])
+                carried[int(chap.get("number") or 0)] = min(len(tail), budget * CHARS_PER_TOKEN)
             break
         kept.append(block)
+        carried[int(chap.get("number") or 0)] = len(tail)
         budget -= cost
     if kept:
         parts.append("Earlier chapters (most recent last):\n" + "\n\n".join(reversed(kept)))
-    return "\n".join(parts)
+    return parts, carried
+
+
+def story_context(ctx: Mapping[str, Any], max_tokens: int) -> str:
+    """Story premise plus the tail of earlier chapters, newest kept first, within a token cap."""
+    return "\n".join(_story_parts(ctx, max_tokens)[0])
+
+
+def carried_tails(ctx: Mapping[str, Any], max_tokens: int) -> dict[int, int]:
+    """Chapter number -> characters at the end of its text that ``story_context`` carries:
+    story memory does not repeat them."""
+    return _story_parts(ctx, max_tokens)[1]
 
 
 def stable_head(ctx: Mapping[str, Any], options: ChapterOptions, max_tokens: int) -> list[str]:
@@ -115,13 +127,19 @@ def section_prompt(
     written_tail: str,
     words: int,
     max_tokens: int,
+    memory_notes: str = "",
 ) -> str:
+    """Stable parts first (story, style, instructions, chapter plan), then what changes per
+    section (the story-memory notes, the text so far, the instruction), so consecutive
+    prompts of a chapter share the longest possible prefix."""
     plan = "\n".join(f"{i + 1}. {b}" for i, b in enumerate(bullets))
     lines = [
         *stable_head(ctx, options, max_tokens),
         f"Chapter title: {title}",
         f"Chapter plan:\n{plan}",
     ]
+    if memory_notes:
+        lines.append(memory_notes)
     if written_tail:
         lines.append(f"The chapter so far ends with:\n...{written_tail}")
     lines.append(

@@ -50,6 +50,11 @@ class NotFoundError(StoreError):
     kind = "not_found"
 
 
+class MissingFunctionError(NotFoundError):
+    """The SQL function does not exist here: a migration not applied, or an optional part
+    (story memory without pgvector) that this database does not have."""
+
+
 class InvalidInputError(StoreError):
     """The database rejected an argument."""
 
@@ -91,8 +96,8 @@ _BY_CODE: dict[str, type[StoreError]] = {
     "PT403": ForbiddenError,
     "42501": ForbiddenError,
     "PT404": NotFoundError,
-    "PGRST202": NotFoundError,
-    "42883": NotFoundError,
+    "PGRST202": MissingFunctionError,
+    "42883": MissingFunctionError,
     "PT400": InvalidInputError,
     "PT429": RateLimitedError,
     "22023": InvalidInputError,

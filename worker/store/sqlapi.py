@@ -277,6 +277,96 @@ class Store:
         )
         return words
 
+    # -- story memory (only where pgvector is: MissingFunctionError elsewhere) ----------
+    @transport_retry
+    async def chapter_embedding_source(self, job_id: str, worker_id: str) -> dict[str, Any] | None:
+        """The chapter an embedding job is about, with its text and md5; None: lease lost."""
+        source: dict[str, Any] | None = await self.transport.value(
+            "chapter_embedding_source", {"p_job_id": job_id, "p_worker_id": worker_id}
+        )
+        return source
+
+    @transport_retry
+    async def replace_chapter_passages(
+        self,
+        job_id: str,
+        worker_id: str,
+        *,
+        chapter_id: str,
+        content_md5: str,
+        model: str,
+        passages: Sequence[Mapping[str, Any]],
+    ) -> dict[str, Any] | None:
+        """Delete and insert a chapter's passages in one transaction (so a retry after an
+        unknown outcome is harmless). ``{"status": "stored" | "stale" | "missing", ...}``;
+        None when the lease is lost."""
+        result: dict[str, Any] | None = await self.transport.value(
+            "replace_chapter_passages",
+            {
+                "p_job_id": job_id,
+                "p_worker_id": worker_id,
+                "p_chapter_id": chapter_id,
+                "p_content_md5": content_md5,
+                "p_model": model,
+                "p_passages": [dict(p) for p in passages],
+            },
+        )
+        return result
+
+    @transport_retry
+    async def story_memory_size(self, job_id: str, worker_id: str, model: str) -> int | None:
+        """Passages of earlier chapters a chapter job could retrieve; None: lease lost."""
+        size = await self.transport.value(
+            "story_memory_size", {"p_job_id": job_id, "p_worker_id": worker_id, "p_model": model}
+        )
+        return None if size is None else int(size)
+
+    @transport_retry
+    async def match_story_passages(
+        self,
+        job_id: str,
+        worker_id: str,
+        *,
+        query: Sequence[float],
+        model: str,
+        match_count: int,
+        min_similarity: float,
+        carried: Mapping[int, int],
+    ) -> list[dict[str, Any]]:
+        """The closest passages of the story's earlier chapters, best first."""
+        return await self.transport.rows(
+            "match_story_passages",
+            {
+                "p_job_id": job_id,
+                "p_worker_id": worker_id,
+                "p_query": list(query),
+                "p_model": model,
+                "p_match_count": match_count,
+                "p_min_similarity": min_similarity,
+                "p_carried": {str(k): v for k, v in carried.items()},
+            },
+        )
+
+    async def enqueue_chapter_embeddings(
+        self,
+        story_id: str | None,
+        *,
+        only_missing: bool,
+        model: str | None = None,
+        limit: int = 1000,
+    ) -> list[str]:
+        """Backfill: embedding jobs for a story's chapters or every chapter missing them."""
+        ids = await self.transport.column(
+            "enqueue_chapter_embeddings",
+            {
+                "p_story_id": story_id,
+                "p_only_missing": only_missing,
+                "p_model": model,
+                "p_limit": limit,
+            },
+        )
+        return [str(i) for i in ids]
+
     # -- operators --------------------------------------------------------------------
     async def requeue_failed(
         self,
