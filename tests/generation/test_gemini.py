@@ -551,8 +551,18 @@ async def test_no_connection_leak_after_30_early_exits(fake_gemini: FakeGemini) 
                 raise KeyError("db")
 
     async def cancel_mid_stream(model: GeminiModel) -> None:
-        task = asyncio.create_task(collect(model))
-        await asyncio.sleep(0.03)
+        first = asyncio.Event()  # cancel once a chunk arrived: the request surely went out
+
+        async def consume() -> None:
+            async with model.stream_section(
+                model=MODEL, system=SYSTEM, prompt=PROMPT, max_output_tokens=256
+            ) as stream:
+                async for _ in stream:
+                    first.set()
+
+        task = asyncio.create_task(consume())
+        async with asyncio.timeout(30):
+            await first.wait()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
