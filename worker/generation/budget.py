@@ -53,7 +53,8 @@ class FleetBudget:
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def reserve(self, model: str, tokens: int) -> Reservation:
-        deadline = time.monotonic() + self.max_wait_s
+        started = time.monotonic()
+        deadline = started + self.max_wait_s
         lock = self._locks.setdefault(model, asyncio.Lock())
         try:
             async with asyncio.timeout(self.max_wait_s):
@@ -66,7 +67,7 @@ class FleetBudget:
                 if take.granted:
                     if self.metrics is not None:
                         self.metrics.budget_wait_seconds.labels(model).observe(
-                            self.max_wait_s - (deadline - time.monotonic())
+                            time.monotonic() - started
                         )
                     return Reservation(model, tokens)
                 if take.reason in DAILY:
