@@ -58,9 +58,11 @@ grant select, insert, update on public.job_queue_user_state to service_role;
 -- statistics. So the function runs on its cached generic plans (force_generic_plan): no
 -- planning on any call, and no plan that depends on when autovacuum last analyzed the
 -- table (tests/sql/test_ops.py guards the plans, analyzed or not, generic or custom).
+-- Chapter jobs whose model is cooling down or out of its daily quota are not claimed
+-- (gemini_job_blocked, 20261201001500); p_default_model is the model of jobs that name none.
 create or replace function public.claim_jobs(
   p_worker_id text, p_job_types text[] default null, p_job_lanes text[] default null,
-  p_limit integer default 1)
+  p_limit integer default 1, p_default_model text default null)
 returns setof public.job_queue
 language plpgsql volatile
 set plan_cache_mode = force_generic_plan
@@ -137,6 +139,7 @@ begin
         where coalesce(q.user_id, '00000000-0000-0000-0000-000000000000'::uuid) = g.user_key and q.job_lane = g.job_lane
           and q.status = 'pending' and q.scheduled_at <= now()
           and (v_types is null or q.job_type = any (v_types))
+          and not public.gemini_job_blocked(q.job_type, q.job_payload, p_default_model)
         order by q.priority desc, q.scheduled_at, q.created_at
         limit 1) best
      cross join lateral (
@@ -204,6 +207,7 @@ begin
                 where coalesce(q.user_id, '00000000-0000-0000-0000-000000000000'::uuid) = grp.user_key and q.job_lane = grp.job_lane
                   and q.status = 'pending' and q.scheduled_at <= now()
                   and (v_types is null or q.job_type = any (v_types))
+                  and not public.gemini_job_blocked(q.job_type, q.job_payload, p_default_model)
                 order by q.priority desc, q.scheduled_at, q.created_at
                 limit greatest(grp.room, 0)
                 for update skip locked) c) j),
@@ -216,6 +220,7 @@ begin
        and s.retry_count < s.max_retries
        and (v_types is null or s.job_type = any (v_types))
        and (v_lanes is null or s.job_lane = any (v_lanes))
+       and not public.gemini_job_blocked(s.job_type, s.job_payload, p_default_model)
      limit p_limit
      for update skip locked),
   chosen as (
@@ -289,11 +294,11 @@ language sql stable set search_path = public, pg_temp as $$
    limit least(greatest(coalesce(p_limit, 10), 0), 1000)
 $$;
 
-revoke all on function public.claim_jobs(text, text[], text[], integer),
+revoke all on function public.claim_jobs(text, text[], text[], integer, text),
                        public.claim_next_job_v3(text, text[], text[]),
                        public.user_load(integer)
   from public, anon, authenticated;
-grant execute on function public.claim_jobs(text, text[], text[], integer),
+grant execute on function public.claim_jobs(text, text[], text[], integer, text),
                           public.claim_next_job_v3(text, text[], text[]),
                           public.user_load(integer)
   to service_role;
