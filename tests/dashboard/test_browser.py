@@ -106,6 +106,7 @@ async def wait_http(url: str) -> None:
 
 def watch_overview(driver: Any, base: str, job: str) -> dict[str, Any]:
     """Open the overview once; read the job's bar until it moves (no navigation after)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -114,8 +115,15 @@ def watch_overview(driver: Any, base: str, job: str) -> dict[str, Any]:
     row = f"tr#live-{job}"
 
     def progress() -> int | None:
-        found = driver.find_elements(By.CSS_SELECTOR, row)
-        return int(found[0].get_attribute("data-progress")) if found else None
+        # The live view re-renders its rows every poll: a row found an instant before it
+        # was replaced is stale, so read it again rather than fail.
+        for _ in range(10):
+            try:
+                found = driver.find_elements(By.CSS_SELECTOR, row)
+                return int(found[0].get_attribute("data-progress")) if found else None
+            except StaleElementReferenceException:
+                continue
+        return None
 
     WebDriverWait(driver, 120, poll_frequency=0.2).until(lambda d: (progress() or 0) > 0)
     first = progress()
