@@ -50,6 +50,28 @@ from worker.generation.model import Outline, RequestBudget, Reservation, Usage
 from worker.logs import register_secret
 
 
+def sdk_client(
+    api_key: str,
+    base_url: str | None,
+    api_version: str | None,
+    timeout_s: float,
+    session: aiohttp.ClientSession,
+) -> genai.Client:
+    """The google-genai client both the text and the embedding models use: our aiohttp
+    session, one timeout, and the SDK's own retries off (ours decide; docs/gemini-wire.md)."""
+    return genai.Client(
+        api_key=api_key,
+        vertexai=False,
+        http_options=types.HttpOptions(
+            base_url=base_url,
+            api_version=api_version,
+            timeout=int(timeout_s * 1000),
+            retry_options=types.HttpRetryOptions(attempts=1),
+            aiohttp_client=session,
+        ),
+    )
+
+
 class _OutlineSchema(BaseModel):
     """The ``responseSchema`` sent for the outline call, and the check of the answer
     (``response.parsed`` would hide a bad answer as ``None``)."""
@@ -203,16 +225,12 @@ class GeminiModel:
             self._session = aiohttp.ClientSession(
                 connector=connector, trust_env=True, read_bufsize=2**22
             )
-            self._client = genai.Client(
-                api_key=self._api_key,
-                vertexai=False,
-                http_options=types.HttpOptions(
-                    base_url=self._base_url,
-                    api_version=self._api_version,
-                    timeout=int(self.request_timeout_s * 1000),
-                    retry_options=types.HttpRetryOptions(attempts=1),
-                    aiohttp_client=self._session,
-                ),
+            self._client = sdk_client(
+                self._api_key,
+                self._base_url,
+                self._api_version,
+                self.request_timeout_s,
+                self._session,
             )
         return self._client
 

@@ -20,6 +20,7 @@ from google.genai import types
 
 from worker.errors import JobError, PermanentJobError, RetryableJobError
 from worker.generation.embeddings import DIMENSIONS, TaskType, normalize
+from worker.generation.gemini import sdk_client
 from worker.generation.gemini_errors import translate
 from worker.logs import register_secret
 
@@ -54,16 +55,12 @@ class GeminiEmbedder:
     def _sdk(self) -> genai.Client:
         if self._client is None:
             self._session = aiohttp.ClientSession(trust_env=True)
-            self._client = genai.Client(
-                api_key=self._api_key,
-                vertexai=False,
-                http_options=types.HttpOptions(
-                    base_url=self._base_url,
-                    api_version=self._api_version,
-                    timeout=int(self.request_timeout_s * 1000),
-                    retry_options=types.HttpRetryOptions(attempts=1),
-                    aiohttp_client=self._session,
-                ),
+            self._client = sdk_client(
+                self._api_key,
+                self._base_url,
+                self._api_version,
+                self.request_timeout_s,
+                self._session,
             )
         return self._client
 
