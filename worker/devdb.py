@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -140,21 +141,47 @@ class LocalCluster:
             f"-p {self.port}",
             "-w",
             "-t",
-            "60",
+            "180",  # a cold start on a loaded two-core machine can take minutes
             "start",
         )
         return self
 
     def stop(self, mode: str = "fast") -> None:
-        if (self.datadir / "postmaster.pid").exists():
+        """pg_ctl stop. A postmaster already gone (killed, or stopped by a Ctrl-C to the
+        process group) counts as stopped: only a server that is still running raises."""
+        if self._postmaster() is None:
+            return  # (pg_ctl would wait 60 s on a stale pid file left by a killed server)
+        try:
             self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop")
+        except subprocess.CalledProcessError:
+            if self._postmaster() is not None:
+                raise
 
     def destroy(self) -> None:
+        """Stop and remove a throwaway cluster. A postmaster that outlives an immediate
+        stop (a very loaded machine) is killed: its backends exit when it dies."""
         try:
             self.stop("immediate")
+        except subprocess.CalledProcessError:
+            pid = self._postmaster()
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
         finally:
             if self._owns_dir:
                 shutil.rmtree(self.base, ignore_errors=True)
+
+    def _postmaster(self) -> int | None:
+        """The running postmaster's pid from postmaster.pid, if it is alive (not a zombie)."""
+        try:
+            pid = int((self.datadir / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            zombie = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:  # no /proc (macOS): kill(pid, 0) succeeding is all we know
+            zombie = False
+        return None if zombie else pid
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

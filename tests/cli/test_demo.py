@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -234,3 +235,22 @@ def test_demo_without_postgresql_says_what_to_do(tmp_path: Path) -> None:
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith("genworker demo: no PostgreSQL program at ") and "PG_BIN" in line
     assert list((tmp_path / "tmp").glob("genworker-pg-*")) == []
+
+
+def test_a_killed_embedded_database_counts_as_stopped(tmp_path: Path) -> None:
+    """The demo's clean-up must not fail (and hide the real error) on a server that is
+    already gone: stop() and destroy() pass over a stale postmaster.pid."""
+    from worker.devdb import LocalCluster
+
+    cluster = LocalCluster(tmp_path / "pg").start()
+    pidfile = tmp_path / "pg" / "data" / "postmaster.pid"
+    postmaster = int(pidfile.read_text().split()[0])
+    os.kill(postmaster, signal.SIGKILL)
+    for _ in range(600):  # a generous ceiling; normally the first check sees it gone
+        if not alive(postmaster):
+            break
+        time.sleep(0.1)
+    assert not alive(postmaster) and pidfile.exists()  # stale, as a kill leaves it
+    cluster.stop()
+    cluster.destroy()
+    assert not alive(postmaster)

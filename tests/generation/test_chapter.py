@@ -60,7 +60,7 @@ async def generate(
     handlers = build_handlers(ChapterHandler(model, config))
     async with running(store, handlers, **runner_opts):
         await wait_until(
-            lambda: conn.fetchval(f"select {until} from job_queue where id = $1", job), timeout=30
+            lambda: conn.fetchval(f"select {until} from job_queue where id = $1", job), timeout=60
         )
 
 
@@ -285,7 +285,7 @@ async def test_cancel_stops_the_stream_and_keeps_text(conn, store, model, fake_g
         await wait_until(lambda: conn.fetchval("select genworker_chunks_length($1) > 100", chapter))
         async with as_role(conn, "authenticated", user):
             assert await conn.fetchval("select cancel_job($1)", job)
-        await wait_until(lambda: not runner.in_flight, timeout=15)
+        await wait_until(lambda: not runner.in_flight, timeout=60)
         requests_then = len(fake_gemini.requests)
         kept = (await chapter_row(conn, chapter))["content"]
         await asyncio.sleep(0.4)
@@ -329,14 +329,14 @@ async def test_pause_and_resume_continue_at_the_next_section(
         )
         async with as_role(conn, "authenticated", user):
             assert await conn.fetchval("select pause_job($1)", job)
-        await wait_until(lambda: not runner.in_flight, timeout=15)
+        await wait_until(lambda: not runner.in_flight, timeout=60)
         paused = await chapter_row(conn, chapter)
         assert paused["status"] == "paused"
         async with as_role(conn, "authenticated", user):
             assert await conn.fetchval("select resume_job($1)", job)
         await wait_until(
             lambda: conn.fetchval("select status = 'completed' from job_queue where id = $1", job),
-            timeout=30,
+            timeout=60,
         )
     row = await chapter_row(conn, chapter)
     assert row["content"] == reference
@@ -366,7 +366,7 @@ async def test_kill_and_rescue_mid_section_gives_the_same_text(
         for entry in doomed.in_flight.values():
             entry.stop_reason = "killed"
             entry.task.cancel()
-        await wait_until(lambda: not doomed.in_flight, timeout=15)
+        await wait_until(lambda: not doomed.in_flight, timeout=60)
     assert await conn.fetchval("select status from job_queue where id = $1", job) == "processing"
     await generate(store, model, conn, job, worker_id="rescuer")
     row = await chapter_row(conn, chapter)

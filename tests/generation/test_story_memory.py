@@ -314,7 +314,7 @@ async def test_a_worker_that_loses_the_lease_mid_embedding_writes_nothing(
     fake_gemini.script(stall_after(0, 3.0))
     handlers = build_handlers(None, ChapterEmbeddingHandler(embedder))
     async with running(store, handlers, job_types=["chapter_embedding"]) as runner:
-        await wait_until(lambda: fake_gemini.in_flight == 1, timeout=30)
+        await wait_until(lambda: fake_gemini.in_flight == 1, timeout=60)
         # Another worker rescued the job while this one waited on Gemini.
         await conn.execute(
             "update job_queue set worker_id = 'rescuer', heartbeat_at = now() where id = $1",
@@ -324,7 +324,7 @@ async def test_a_worker_that_loses_the_lease_mid_embedding_writes_nothing(
             lambda: runner.metrics.registry.get_sample_value(
                 "genworker_leases_lost_total", {"job_type": "chapter_embedding"}
             ),
-            timeout=30,
+            timeout=60,
         )
         assert await fake_gemini.wait_idle(30)
     row = await conn.fetchrow("select status, worker_id from job_queue where id = $1", job["id"])

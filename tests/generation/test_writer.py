@@ -87,7 +87,7 @@ async def test_the_timer_writes_a_pending_checkpoint_when_the_model_is_slow(
     await w.checkpoint(
         {"sections_done": 1, "content_length": 5}, progress=50, step="x", final=False
     )
-    await wait_until(lambda: chunks(conn, job["chapter"]), timeout=10)
+    await wait_until(lambda: chunks(conn, job["chapter"]), timeout=60)
     assert await chunks(conn, job["chapter"]) == [(0, "One. ")]
     assert (await state(conn, job["chapter"]))["sections_done"] == 1
     await w.close()
@@ -130,7 +130,7 @@ async def test_a_timer_write_refused_reaches_the_handler(conn, store, job) -> No
     await w.checkpoint(
         {"sections_done": 1, "content_length": 5}, progress=50, step="x", final=False
     )
-    await wait_until(lambda: w._timer is not None and w._timer.done(), timeout=10)
+    await wait_until(lambda: w._timer is not None and w._timer.done(), timeout=60)
     with pytest.raises(LeaseLost):
         await w.add("more", 60, "section 2/2: b")
     await w.close()

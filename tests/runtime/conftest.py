@@ -42,7 +42,7 @@ async def running(
 
 async def wait_until(
     predicate: Callable[[], Any],
-    timeout: float = 20.0,  # noqa: ASYNC109
+    timeout: float = 60.0,  # noqa: ASYNC109  (a ceiling for loaded machines, not a bound)
     every: float = 0.05,
 ) -> None:
     deadline = asyncio.get_running_loop().time() + timeout

@@ -175,5 +175,5 @@ def test_watchdog_exits_when_the_loop_is_blocked() -> None:
         "    time.sleep(30)  # a blocking call freezes the loop\n"
         "asyncio.run(main())\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 70, proc.stderr

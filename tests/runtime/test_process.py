@@ -131,7 +131,7 @@ async def test_kill_9_mid_chapter_is_rescued_by_a_second_worker(
                 " from chapters where id = $1",
                 chapter,
             ),
-            timeout=30,
+            timeout=120,
         )
         a.kill()  # SIGKILL: no release, no final write
         a.wait(10)
@@ -162,7 +162,7 @@ async def test_config_error_is_one_message_and_exit_2() -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=120,
         cwd="/",
     )
     assert proc.returncode == 2
@@ -214,7 +214,7 @@ async def test_database_outage_is_survived(pg_server: PgTestServer, db_dsn: str)
                     )
                 finally:
                     await conn.close()
-                await wait_until(lambda: runner.consecutive_store_errors == 0, timeout=30)
+                await wait_until(lambda: runner.consecutive_store_errors == 0, timeout=120)
                 async with http.get(f"http://127.0.0.1:{port}/health") as resp:
                     assert (await resp.json())["status"] == "ok"
             await health.cleanup()

@@ -201,7 +201,7 @@ async def test_cancel_job_stops_a_running_handler(db_dsn: str, conn) -> None:
     async with open_store("postgres", db_dsn) as store, running(store, {"long": long}) as runner:
         await asyncio.wait_for(started.wait(), 5)
         await conn.execute("update job_queue set status = 'cancelled' where id = $1", jid)
-        await wait_until(lambda: not runner.in_flight, timeout=15)
+        await wait_until(lambda: not runner.in_flight, timeout=60)
     assert await conn.fetchval("select status from job_queue where id = $1", jid) == "cancelled"
 
 
@@ -346,7 +346,7 @@ async def test_a_capped_user_is_claimed_again_as_soon_as_a_local_job_frees_its_s
                 lambda: conn.fetchval(
                     "select count(*) = 6 from job_queue where status = 'completed'"
                 ),
-                timeout=30,
+                timeout=60,
             )
     assert most == 2
     done = await conn.fetch("select id::text from job_queue where status = 'completed'")
