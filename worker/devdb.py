@@ -104,17 +104,9 @@ class LocalCluster:
             while p != p.parent:  # let the server user traverse to its directory
                 p.chmod(p.stat().st_mode | 0o011)
                 p = p.parent
+        datadir = str(self.datadir)
         self._run(
-            "initdb",
-            "-D",
-            str(self.datadir),
-            "-U",
-            self.user,
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
+            "initdb", "-D", datadir, "-U", self.user, "-A", "trust", "-E", "UTF8", "--no-sync"
         )
         conf = self.datadir / "postgresql.conf"
         with conf.open("a") as f:
@@ -131,19 +123,9 @@ class LocalCluster:
         if self._ids:
             self.logfile.touch()
             os.chown(self.logfile, *self._ids)
-        self._run(
-            "pg_ctl",
-            "-D",
-            str(self.datadir),
-            "-l",
-            str(self.logfile),
-            "-o",
-            f"-p {self.port}",
-            "-w",
-            "-t",
-            "180",  # a cold start on a loaded two-core machine can take minutes
-            "start",
-        )
+        # -t 180: a cold start on a loaded two-core machine can take minutes.
+        args = ("-D", str(self.datadir), "-l", str(self.logfile), "-o", f"-p {self.port}")
+        self._run("pg_ctl", *args, "-w", "-t", "180", "start")
         return self
 
     def stop(self, mode: str = "fast") -> None:
