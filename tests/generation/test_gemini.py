@@ -261,7 +261,6 @@ async def test_connect_timeout_applies() -> None:
         idle_timeout_s=60,
         request_timeout_s=60,
     )
-    started = time.monotonic()
     try:
         with pytest.raises(RetryableJobError) as info:
             await collect(model)
@@ -269,8 +268,9 @@ async def test_connect_timeout_applies() -> None:
         await model.aclose()
         for s in [server, *fillers]:
             s.close()
+    # The connect timeout, not the 60 s request cap (that one would be a stream_timeout).
     assert info.value.kind == "model_unavailable"
-    assert time.monotonic() - started < 30.0  # the connect timeout, not the 60 s request cap
+    assert "cannot connect to Gemini" in str(info.value)
 
 
 # -- fault classification -----------------------------------------------------------
@@ -384,8 +384,10 @@ async def test_idle_stall_is_cut_by_the_idle_timeout(
         with pytest.raises(RetryableJobError) as info:
             await collect(model)
         elapsed = time.monotonic() - started
+        # Cut by the idle timer (the silence would end the stream cleanly, as a truncation),
+        # and not before it: a lower bound, which a slow machine can only make truer.
         assert info.value.kind == "stream_stalled"
-        assert IDLE_S * 0.9 <= elapsed < STALL_S / 2  # waited the timeout, not the silence
+        assert elapsed >= IDLE_S * 0.9
         await assert_no_open_streams(fake_gemini, model)
     finally:
         await model.aclose()
@@ -395,12 +397,12 @@ async def test_idle_stall_is_cut_by_the_idle_timeout(
 async def test_request_timeout_caps_the_whole_stream(fake_gemini: FakeGemini) -> None:
     model = make_model(fake_gemini, idle_timeout_s=30.0, request_timeout_s=1.0)
     fake_gemini.script(ok(chunks=240, delay_s=0.25))  # 60 s in all, no gap over 0.25 s
-    started = time.monotonic()
     try:
         with pytest.raises(RetryableJobError) as info:
             await collect(model)
+        # Cut by the 1 s cap: uncut, the stream would end normally after 60 s, no error.
         assert info.value.kind == "stream_timeout"
-        assert time.monotonic() - started < 30.0  # cut by the cap, long before the stream ends
+        assert "exceeded 1s" in str(info.value)
         await assert_no_open_streams(fake_gemini, model)
     finally:
         await model.aclose()
