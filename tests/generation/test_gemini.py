@@ -86,7 +86,7 @@ def assert_key_hidden(exc: JobError) -> None:
 async def assert_no_open_streams(fake: FakeGemini, model: GeminiModel) -> None:
     assert await fake.wait_idle(), "the fake still serves a request"
     assert fake.open_streams == 0
-    connector = model._session.connector if model._session else None
+    connector = model._sdk_client.session.connector if model._sdk_client.session else None
     if connector is not None:  # aiohttp's checked-out connections (a private, stable attribute)
         assert not connector._acquired
 
@@ -189,13 +189,13 @@ async def test_transport_is_our_injected_aiohttp_session(
     await collect(gemini)
     api_client = gemini._sdk()._api_client
     assert api_client._use_aiohttp()
-    assert api_client._http_options.aiohttp_client is gemini._session
+    assert api_client._http_options.aiohttp_client is gemini._sdk_client.session
     assert not api_client._aiohttp_sessions  # the SDK built no unbounded session of its own
-    assert gemini._session is not None
-    assert gemini._session.connector is not None
-    assert gemini._session.connector.limit == gemini.max_concurrent_streams + 4
+    assert gemini._sdk_client.session is not None
+    assert gemini._sdk_client.session.connector is not None
+    assert gemini._sdk_client.session.connector.limit == gemini.max_concurrent_streams + 4
 
-    session = gemini._session
+    session = gemini._sdk_client.session
     await gemini.aclose()
     assert session.closed
     await gemini.aclose()  # idempotent
@@ -665,9 +665,9 @@ async def test_open_builds_the_client_before_the_first_call(fake_gemini: FakeGem
     model = make_model(fake_gemini)
     try:
         model.open()
-        client = model._client
+        client = model._sdk_client.client
         assert client is not None
         await model.outline(model=MODEL, system="s", prompt="Sections: 3")
-        assert model._client is client  # the first call reused it
+        assert model._sdk_client.client is client  # the first call reused it
     finally:
         await model.aclose()

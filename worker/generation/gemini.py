@@ -27,7 +27,7 @@ Design decisions (the wire and SDK facts behind them: docs/gemini-wire.md):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
@@ -50,26 +50,51 @@ from worker.generation.model import Outline, RequestBudget, Reservation, Usage
 from worker.logs import register_secret
 
 
-def sdk_client(
-    api_key: str,
-    base_url: str | None,
-    api_version: str | None,
-    timeout_s: float,
-    session: aiohttp.ClientSession,
-) -> genai.Client:
-    """The google-genai client both the text and the embedding models use: our aiohttp
-    session, one timeout, and the SDK's own retries off (ours decide; docs/gemini-wire.md)."""
-    return genai.Client(
-        api_key=api_key,
-        vertexai=False,
-        http_options=types.HttpOptions(
-            base_url=base_url,
-            api_version=api_version,
-            timeout=int(timeout_s * 1000),
-            retry_options=types.HttpRetryOptions(attempts=1),
-            aiohttp_client=session,
-        ),
-    )
+class SdkClient:
+    """The google-genai client both the text and the embedding models use: our own aiohttp
+    session (from ``new_session``), one timeout, and the SDK's own retries off (ours decide;
+    docs/gemini-wire.md). Built on first use, inside the running loop: aiohttp sessions bind
+    to the loop that creates them, so the models' constructors stay loop-free."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None,
+        api_version: str | None,
+        timeout_s: float,
+        new_session: Callable[[], aiohttp.ClientSession],
+    ) -> None:
+        self._api_key = api_key
+        self._base_url, self._api_version = base_url, api_version
+        self._timeout_ms = int(timeout_s * 1000)
+        self._new_session = new_session
+        self.session: aiohttp.ClientSession | None = None
+        self.client: genai.Client | None = None
+
+    def get(self) -> genai.Client:
+        if self.client is None:
+            self.session = self._new_session()
+            self.client = genai.Client(
+                api_key=self._api_key,
+                vertexai=False,
+                http_options=types.HttpOptions(
+                    base_url=self._base_url,
+                    api_version=self._api_version,
+                    timeout=self._timeout_ms,
+                    retry_options=types.HttpRetryOptions(attempts=1),
+                    aiohttp_client=self.session,
+                ),
+            )
+        return self.client
+
+    async def aclose(self) -> None:
+        client, session = self.client, self.session
+        self.client = self.session = None
+        if client is not None:
+            await client.aio.aclose()
+        if session is not None:  # injected: the SDK leaves it to us
+            await session.close()
 
 
 class _OutlineSchema(BaseModel):
@@ -193,9 +218,6 @@ class GeminiModel:
         if not api_key:
             raise ValueError("api_key is required")
         register_secret(api_key)  # masked in every error message and log line
-        self._api_key = api_key
-        self._base_url = base_url
-        self._api_version = api_version
         self._connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.request_timeout_s = request_timeout_s
@@ -203,36 +225,28 @@ class GeminiModel:
         self._thinking_level = thinking_level
         self._limiter = _Limiter(max_concurrent_streams, requests_per_minute)
         self.budget = budget
-        self._session: aiohttp.ClientSession | None = None
-        self._client: genai.Client | None = None
+        self._sdk_client = SdkClient(
+            api_key=api_key,
+            base_url=base_url,
+            api_version=api_version,
+            timeout_s=request_timeout_s,
+            new_session=self._new_session,
+        )
 
     # -- client lifecycle ---------------------------------------------------------
 
     def _sdk(self) -> genai.Client:
-        """Create the session and client on first use, inside the running loop.
+        return self._sdk_client.get()
 
-        aiohttp sessions bind to the loop that creates them, so the constructor
-        stays loop-free and may run before ``asyncio.run``.
-        """
-        if self._client is None:
-            connector = _ConnectTimeoutConnector(
-                connect_timeout_s=self._connect_timeout_s,
-                # The semaphore is the real bound; the connector caps sockets even if a
-                # stream escaped it, with headroom for connections still closing.
-                limit=self.max_concurrent_streams + 4,
-            )
-            # trust_env like the SDK's own session: honour HTTPS_PROXY in deployments.
-            self._session = aiohttp.ClientSession(
-                connector=connector, trust_env=True, read_bufsize=2**22
-            )
-            self._client = sdk_client(
-                self._api_key,
-                self._base_url,
-                self._api_version,
-                self.request_timeout_s,
-                self._session,
-            )
-        return self._client
+    def _new_session(self) -> aiohttp.ClientSession:
+        connector = _ConnectTimeoutConnector(
+            connect_timeout_s=self._connect_timeout_s,
+            # The semaphore is the real bound; the connector caps sockets even if a
+            # stream escaped it, with headroom for connections still closing.
+            limit=self.max_concurrent_streams + 4,
+        )
+        # trust_env like the SDK's own session: honour HTTPS_PROXY in deployments.
+        return aiohttp.ClientSession(connector=connector, trust_env=True, read_bufsize=2**22)
 
     def open(self) -> None:
         """Build the session and SDK client up front: the first construction costs about
@@ -241,12 +255,7 @@ class GeminiModel:
         self._sdk()
 
     async def aclose(self) -> None:
-        client, session = self._client, self._session
-        self._client = self._session = None
-        if client is not None:
-            await client.aio.aclose()
-        if session is not None:  # injected: the SDK leaves it to us
-            await session.close()
+        await self._sdk_client.aclose()
 
     # -- calls --------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from google.genai import types
 
 from worker.errors import JobError, PermanentJobError, RetryableJobError
 from worker.generation.embeddings import DIMENSIONS, TaskType, normalize
-from worker.generation.gemini import sdk_client
+from worker.generation.gemini import SdkClient
 from worker.generation.gemini_errors import translate
 from worker.logs import register_secret
 
@@ -44,36 +44,24 @@ class GeminiEmbedder:
             raise ValueError("api_key is required")
         register_secret(api_key)
         self.model = model
-        self._api_key = api_key
-        self._base_url = base_url
-        self._api_version = api_version
         self.request_timeout_s = request_timeout_s
         self._slots = asyncio.Semaphore(max_concurrent)
-        self._session: aiohttp.ClientSession | None = None
-        self._client: genai.Client | None = None
+        self._sdk_client = SdkClient(
+            api_key=api_key,
+            base_url=base_url,
+            api_version=api_version,
+            timeout_s=request_timeout_s,
+            new_session=lambda: aiohttp.ClientSession(trust_env=True),
+        )
 
     def _sdk(self) -> genai.Client:
-        if self._client is None:
-            self._session = aiohttp.ClientSession(trust_env=True)
-            self._client = sdk_client(
-                self._api_key,
-                self._base_url,
-                self._api_version,
-                self.request_timeout_s,
-                self._session,
-            )
-        return self._client
+        return self._sdk_client.get()
 
     def open(self) -> None:
         self._sdk()
 
     async def aclose(self) -> None:
-        client, session = self._client, self._session
-        self._client = self._session = None
-        if client is not None:
-            await client.aio.aclose()
-        if session is not None:
-            await session.close()
+        await self._sdk_client.aclose()
 
     async def embed(self, texts: Sequence[str], task: TaskType) -> list[list[float]]:
         """Unit vectors for ``texts``, in order, in batches of ``max_batch``."""
