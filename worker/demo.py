@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -346,8 +345,10 @@ def _summary(
 
 
 def save_output(rows: list[dict[str, Any]], output: Path = OUTPUT_DIR) -> None:
-    shutil.rmtree(output, ignore_errors=True)
-    output.mkdir(parents=True)
+    """Replace the previous run's chapter files only: ``--output`` may name any folder."""
+    output.mkdir(parents=True, exist_ok=True)
+    for old in output.glob("chapter-*.md"):
+        old.unlink()
     for row in rows:
         (output / f"chapter-{row['number']}.md").write_text(
             f"# {row['title']}\n\n{row.get('content') or ''}\n", encoding="utf-8"

@@ -254,3 +254,16 @@ def test_a_killed_embedded_database_counts_as_stopped(tmp_path: Path) -> None:
     cluster.stop()
     cluster.destroy()
     assert not alive(postmaster)
+
+
+def test_demo_output_replaces_only_chapter_files(tmp_path: Path) -> None:
+    """`--output` may name a folder that holds other things: only the previous run's
+    chapter files are replaced."""
+    from worker.demo import save_output
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "chapter-9.md").write_text("an earlier run")
+    save_output([{"number": 1, "title": "One", "content": "Text."}], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chapter-1.md", "notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "chapter-1.md").read_text() == "# One\n\nText.\n"
