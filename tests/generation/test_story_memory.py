@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -221,6 +222,29 @@ async def test_nothing_relevant_adds_nothing(conn, store, model, embedder, fake_
     assert len(fake_gemini.embed_requests) == 3  # it looked, and found nothing close enough
     result = json.loads(await conn.fetchval("select job_result from job_queue where id = $1", job))
     assert (result["memory_passages"], result["memory_tokens"]) == (0, 0)
+
+
+async def test_the_outline_shares_the_sections_head_when_memory_cuts_the_context(
+    conn, store, model, embedder, fake_gemini
+) -> None:
+    """Memory's notes take their budget from the story context once per chapter, so the
+    outline call begins with the same story head as every section (prefix caching)."""
+    await require_memory(conn)
+    tight = replace(CONFIG, context_max_tokens=MEMORY.max_tokens + 300)
+    handlers = build_handlers(
+        ChapterHandler(model, tight, StoryMemory(embedder, MEMORY)),
+        ChapterEmbeddingHandler(embedder),
+    )
+    user, story = await story_of_four(conn)
+    await embed_all(store, conn, handlers)
+    fake_gemini.reset()
+    fake_gemini.script(outline("The Chapel", "Nadia searches the chapel", "Quince pastries"))
+    await generate_chapter(store, conn, handlers, user, story, 5)
+    [plan] = [r.prompt for r in fake_gemini.requests if r.action == "generateContent"]
+    sections = section_prompts(fake_gemini)
+    story_head = plan.split("Plan chapter 5")[0]
+    assert len(sections) == 2 and "Earlier chapters" in story_head
+    assert all(p.split("Chapter title:")[0] == story_head for p in sections)
 
 
 async def test_first_chapters_are_written_exactly_as_without_memory(

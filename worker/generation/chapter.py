@@ -97,7 +97,11 @@ class ChapterHandler:
         state: dict[str, Any] = dict(chapter.get("generation_state") or {})
         usage = resumed_usage = _usage_of(state)
 
-        outline, usage = await self._outline(ctx, start, opts, chapter, usage)
+        memory = await self.memory.for_chapter(ctx) if self.memory is not None else None
+        # Memory's budget comes out of the context's, once per chapter: the outline and every
+        # section then begin with the same stable head (Gemini's implicit prefix caching).
+        context_tokens = max(0, cfg.context_max_tokens - (memory.max_tokens if memory else 0))
+        outline, usage = await self._outline(ctx, start, opts, chapter, usage, context_tokens)
         total = len(outline.bullets)
         done = int(state.get("sections_done", 0)) if chapter.get("outline") else 0
         writer = ChapterWriter(
@@ -111,11 +115,20 @@ class ChapterHandler:
         )
         tail = str(chapter.get("content_tail") or "")
         words_per_section = max(50, opts.target_words // total)
-        memory = await self.memory.for_chapter(ctx) if self.memory is not None else None
         try:
             for index in range(done, total):
                 tail, usage = await self._section(
-                    ctx, writer, start, opts, outline, index, tail, words_per_section, usage, memory
+                    ctx,
+                    writer,
+                    start,
+                    opts,
+                    outline,
+                    index,
+                    tail,
+                    words_per_section,
+                    usage,
+                    context_tokens,
+                    memory,
                 )
                 checkpoint = {
                     "sections_done": index + 1,
@@ -172,13 +185,14 @@ class ChapterHandler:
         opts: ChapterOptions,
         chapter: Mapping[str, Any],
         usage: Usage,
+        context_tokens: int,
     ) -> tuple[Outline, Usage]:
         """The saved outline of an earlier attempt, or a new one (bought once per chapter)."""
         saved = chapter.get("outline") or {}
         if saved.get("bullets"):
             return Outline(str(saved.get("title", "")), [str(b) for b in saved["bullets"]]), usage
         ctx.report(1, "outline")
-        prompt = outline_prompt(start, opts, self.config.context_max_tokens)
+        prompt = outline_prompt(start, opts, context_tokens)
         async for attempt in self._retrying("outline"):
             with attempt:
                 outline, used = await self.model.outline(
@@ -246,17 +260,15 @@ class ChapterHandler:
         tail: str,
         words: int,
         usage: Usage,
-        memory: ChapterMemory | None = None,
+        context_tokens: int,
+        memory: ChapterMemory | None,
     ) -> tuple[str, Usage]:
         total = len(outline.bullets)
         step = f"section {index + 1}/{total}: {outline.bullets[index]}"[:160]
         expected_chars = words * CHARS_PER_WORD
         section_start = writer.offset
-        context_tokens, notes = self.config.context_max_tokens, ""
+        notes = ""
         if memory is not None:
-            # Memory's budget comes out of the context's, the same for every section of
-            # the chapter, so the stable head of the prompt stays the same.
-            context_tokens = max(0, context_tokens - memory.max_tokens)
             query = section_query(outline.bullets[index], outline.title, opts.instructions)
             notes = (await memory.recall(query, carried_tails(start, context_tokens))).notes
         prompt = section_prompt(
