@@ -18,7 +18,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -88,7 +88,10 @@ class Runner:
         metrics: Metrics | None = None,
     ) -> None:
         self.store = store
-        self.config = config
+        # One batch limit: what is asked for, what /status shows and what counts as a full
+        # batch (claim again at once) is what the transport can carry in one answer.
+        batch_max = min(config.claim_batch_max, store.transport.claim_batch_max)
+        self.config = replace(config, claim_batch_max=batch_max)
         self.handlers = dict(handlers)
         self.metrics = metrics or Metrics()
         self.in_flight: dict[str, InFlight] = {}
