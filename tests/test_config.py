@@ -248,6 +248,16 @@ def test_gemini_key_required_only_for_gemini() -> None:
     assert s.generation_provider == "offline" and s.gemini_api_key is None
 
 
+def test_only_gemini_workers_skip_jobs_of_a_model_in_cool_down() -> None:
+    """The claim leaves a chapter job pending while its model (or the worker's default) is
+    blocked in the fleet budget; an offline worker has no Gemini model to be blocked."""
+    from worker.service import runner_config
+
+    assert runner_config(load(GEMINI_MODEL="gemini-x")).default_model == "gemini-x"
+    offline = load(GENERATION_PROVIDER="offline", GEMINI_MODEL="gemini-x")
+    assert runner_config(offline).default_model is None
+
+
 def test_offline_refused_in_production() -> None:
     found = problems({**MINIMAL, "GENERATION_PROVIDER": "offline", "APP_ENV": "production"})
     assert len(found) == 1

@@ -107,7 +107,8 @@ def runner_config(settings: Settings) -> RunnerConfig:
         claim_batch_max=settings.claim_batch_max,
         job_types=settings.job_types,
         job_lanes=settings.job_lanes,
-        default_model=settings.gemini_model,
+        # Offline workers are not held back by a Gemini cool-down.
+        default_model=settings.gemini_model if settings.generation_provider == "gemini" else None,
         poll_interval_s=settings.poll_interval_ms / 1000,
         poll_max_interval_s=settings.poll_max_interval_ms / 1000,
         heartbeat_interval_s=settings.heartbeat_interval_s,
