@@ -14,6 +14,7 @@ from typing import Any
 
 from worker.metrics import Metrics
 from worker.store import Store
+from worker.store.base import TransientStoreError
 
 
 class Completer:
@@ -63,6 +64,11 @@ class Completer:
                     self.worker_id, {j: r for j, (r, _) in batch.items()}
                 )
         except Exception as exc:
+            if len(batch) > 1 and not isinstance(exc, TransientStoreError):
+                # One job's result may be what the call was refused for: each job goes on
+                # its own, so only that job sees the error (the call is idempotent).
+                await asyncio.gather(*(self._send({j: v}) for j, v in batch.items()))
+                return
             for _, fut in batch.values():
                 if not fut.done():
                     fut.set_exception(exc)
