@@ -283,8 +283,9 @@ class Runner:
         except asyncio.CancelledError:
             try:
                 async with asyncio.timeout(self.config.shutdown_call_timeout_s):
-                    for claimed in await call:
-                        await self.store.release(claimed.job_id, self.config.worker_id)
+                    worker = self.config.worker_id
+                    claimed = await call  # released together: each one left waits a lease
+                    await asyncio.gather(*(self.store.release(c.job_id, worker) for c in claimed))
             except (StoreError, TimeoutError) as exc:
                 log.warning("a claim under way at shutdown could not be undone: %s", exc)
             raise

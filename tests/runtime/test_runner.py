@@ -248,8 +248,8 @@ def test_retry_delay_is_exponential_jittered_and_capped() -> None:
 
 
 async def test_a_claim_cut_by_shutdown_is_released(db_dsn: str, conn) -> None:
-    """Stopping while a claim request is in flight must not strand the claimed job."""
-    [jid] = await insert_jobs(conn, 1, job_type="noop")
+    """Stopping while a claim request is in flight must not strand the claimed jobs."""
+    ids = await insert_jobs(conn, 3, job_type="noop")
     async with open_store("postgres", db_dsn) as store:
         real_claim = store.claim_many
         entered = asyncio.Event()
@@ -263,11 +263,10 @@ async def test_a_claim_cut_by_shutdown_is_released(db_dsn: str, conn) -> None:
 
         store.claim_many = slow_claim  # type: ignore[method-assign]
         async with running(store, {"noop": noop}):
-            await asyncio.wait_for(entered.wait(), 5)
-    job = await conn.fetchrow(
-        "select status, retry_count, worker_id from job_queue where id = $1", jid
-    )
-    assert (job["status"], job["retry_count"], job["worker_id"]) == ("pending", 0, None)
+            await asyncio.wait_for(entered.wait(), 60)
+    jobs = await conn.fetch("select status, retry_count, worker_id from job_queue")
+    assert len(ids) == 3
+    assert [tuple(j) for j in jobs] == [("pending", 0, None)] * 3
 
 
 # -- batches ------------------------------------------------------------------------------------
