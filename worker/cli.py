@@ -204,9 +204,6 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
-TERMINAL = ("completed", "failed", "cancelled")
-
-
 def _state_line(ch: dict[str, Any]) -> str:
     step = ch.get("current_step") or ""
     parts = [
@@ -261,6 +258,7 @@ async def _follow(store: Store, chapter_id: str, interval: float) -> int:
     from the new end.
     """
     from worker.cli_errors import CommandFailed
+    from worker.demo import TERMINAL
 
     offset, last_state, ends_with_newline = 0, "", True
     while True:

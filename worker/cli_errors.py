@@ -22,7 +22,7 @@ from worker.store.base import (
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 MAX_DETAIL = 300  # database messages can quote input: never print them unbounded
 
 # SQLSTATEs that mean "these migrations were never applied": undefined function,

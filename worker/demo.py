@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from worker.cli_errors import EXIT_INTERRUPTED, EXIT_USAGE
+
 DEMO_STORY = "00000000-0000-4000-8000-0000000057a0"
 DEMO_CHAPTERS = (
     "00000000-0000-4000-8000-00000000c001",
@@ -33,7 +35,6 @@ DEMO_CHAPTERS = (
 OUTPUT_DIR = Path("demo-output")
 BAR = 28
 TERMINAL = ("completed", "failed", "cancelled")
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def _bar(row: dict[str, Any]) -> str:
@@ -241,7 +242,7 @@ async def _run_worker(
         settings = load_settings(_demo_env(dsn, port, short), dotenv=False)
     except ConfigError as exc:
         print(f"genworker demo: configuration error\n{exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     setup_logging(settings.log_level, settings.log_format)
     model = None
     if settings.generation_provider == "offline":
