@@ -324,8 +324,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if not dsn.startswith(("postgresql://", "postgres://")):
-        raise UsageError("DATABASE_URL must be a postgresql://user:password@host:5432/postgres URL")
+    from worker.config import Invalid, postgres_url
+
+    try:
+        postgres_url(dsn)
+    except Invalid as exc:
+        raise UsageError(f"DATABASE_URL {exc}") from None
     from worker.cli_errors import CommandFailed, connection_failed, detail, where
     from worker.migrate import (
         MigrationFailed,

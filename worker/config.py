@@ -107,7 +107,8 @@ def _http_url(text: str) -> str:
     return text.rstrip("/")
 
 
-def _postgres_url(text: str) -> str:
+def postgres_url(text: str) -> str:
+    """A postgres URL the drivers can use, or ``Invalid`` saying what is wrong."""
     parts = urlsplit(text)
     if parts.scheme not in ("postgres", "postgresql"):
         raise Invalid(
@@ -200,7 +201,7 @@ VARIABLES: tuple[Variable, ...] = (
         None,
         "postgresql:// URL: the direct store, needed by migrate; session pooler (5432)",
         _STORE,
-        _postgres_url,
+        postgres_url,
         secret=True,
     ),
     _v(

@@ -137,6 +137,9 @@ def test_migrate_closed_port() -> None:
 def test_migrate_not_a_postgres_url() -> None:
     line = one_line(genworker("migrate", "--database-url", "https://x.supabase.co"), "migrate", 2)
     assert "postgresql://" in line
+    bad_port = "postgresql://u:p@127.0.0.1:abc/postgres"
+    line = one_line(genworker("migrate", "--database-url", bad_port), "migrate", 2)
+    assert "numeric port" in line and ":p@" not in line
 
 
 @pytest.mark.parametrize(("command", "argv"), STORE_COMMANDS, ids=IDS)
