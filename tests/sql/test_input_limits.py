@@ -233,6 +233,8 @@ async def test_ordinary_preferences_are_accepted(conn, alice) -> None:
         await conn.execute(
             "update stories set preferences = $1 where id = $2", json.dumps(prefs), alice["story"]
         )
+    stored = await conn.fetchval("select preferences from stories where id = $1", alice["story"])
+    assert json.loads(stored) == prefs
 
 
 # -- 3. per-user caps -----------------------------------------------------------------
