@@ -9,6 +9,7 @@ import pytest_asyncio
 
 from tests.support.fake_gemini import FakeGemini, start_fake_gemini
 from worker.generation.gemini import GeminiModel
+from worker.generation.gemini_embed import GeminiEmbedder
 from worker.store import Store
 from worker.store.postgres import PostgresTransport
 
@@ -40,3 +41,13 @@ async def store(db_dsn: str) -> AsyncIterator[Store]:
     s = await Store(PostgresTransport(db_dsn)).open()
     yield s
     await s.close()
+
+
+@pytest.fixture
+async def embedder(fake_gemini: FakeGemini) -> AsyncIterator[GeminiEmbedder]:
+    e = GeminiEmbedder(
+        api_key="test-key-123", model="gemini-embedding-001", base_url=fake_gemini.base_url
+    )
+    e.open()
+    yield e
+    await e.aclose()

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.support.fake_gemini import FakeGemini, disconnect_after, http_error
+from tests.support.fake_gemini import disconnect_after, http_error
 from worker.errors import PermanentJobError, RetryableJobError
 from worker.generation.embeddings import DIMENSIONS, HashedEmbedder, hashed_embedding
 from worker.generation.gemini_embed import GeminiEmbedder
@@ -17,16 +17,6 @@ from worker.generation.passages import MAX_CHARS, split_passages
 
 def cosine(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
-
-
-@pytest.fixture
-async def embedder(fake_gemini: FakeGemini):
-    e = GeminiEmbedder(
-        api_key="test-key-123", model="gemini-embedding-001", base_url=fake_gemini.base_url
-    )
-    e.open()
-    yield e
-    await e.aclose()
 
 
 async def test_batch_request_on_the_wire_and_unit_vectors(embedder, fake_gemini) -> None:

@@ -29,7 +29,6 @@ from worker.store import Store
 from worker.store.postgres import PostgresTransport
 
 MODEL = "gemini-test"
-EMBED_MODEL = "gemini-embedding-001"
 CONFIG = GenerationConfig(
     default_model=MODEL,
     allowed_models=[MODEL],
@@ -62,25 +61,10 @@ def filler(seed: int, paragraphs: int) -> str:
 
 
 @pytest.fixture
-async def store(db_dsn: str) -> AsyncIterator[Store]:
-    s = await Store(PostgresTransport(db_dsn)).open()
-    yield s
-    await s.close()
-
-
-@pytest.fixture
 async def model(fake_gemini: FakeGemini) -> AsyncIterator[GeminiModel]:
     m = GeminiModel(api_key="test-key-123", base_url=fake_gemini.base_url, idle_timeout_s=30.0)
     yield m
     await m.aclose()
-
-
-@pytest.fixture
-async def embedder(fake_gemini: FakeGemini) -> AsyncIterator[GeminiEmbedder]:
-    e = GeminiEmbedder(api_key="test-key-123", model=EMBED_MODEL, base_url=fake_gemini.base_url)
-    e.open()
-    yield e
-    await e.aclose()
 
 
 def worker_handlers(model: GeminiModel, embedder: GeminiEmbedder) -> dict[str, Any]:

@@ -4,7 +4,6 @@ section checkpoints that ride with the next write, rewinds that keep earlier tex
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -14,7 +13,6 @@ from tests.support.seed import claimed_chapter
 from worker.errors import LeaseLost
 from worker.generation.writer import ChapterWriter
 from worker.store import Store
-from worker.store.postgres import PostgresTransport
 
 
 class Clock:
@@ -23,13 +21,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def store(db_dsn: str) -> AsyncIterator[Store]:
-    s = await Store(PostgresTransport(db_dsn)).open()
-    yield s
-    await s.close()
 
 
 @pytest.fixture
