@@ -1,8 +1,9 @@
 """Measuring helpers shared by the benchmark scripts.
 
-Imported by its siblings as ``from measure import ...``: run as ``python bench/<name>.py``,
-the script's own folder is first on ``sys.path``. Nothing from ``worker`` is imported at
-module level, so chapter_stream.py's fake-server subprocess stays light.
+Imported by its siblings as ``from measure import ...``: run as
+``.venv/bin/python bench/<name>.py``, the script's own folder is first on ``sys.path``.
+Nothing from ``worker`` is imported at module level, so chapter_stream.py's fake-server
+subprocess stays light.
 """
 
 from __future__ import annotations

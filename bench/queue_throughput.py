@@ -497,7 +497,7 @@ def compare_report(
 ) -> int:
     med = {n: statistics.median(r["jobs_per_s"] for r in rs) for n, rs in runs.items()}
     lines = [
-        f"$ python bench/queue_throughput.py {' '.join(sys.argv[1:])}".rstrip(),
+        f"$ .venv/bin/python bench/queue_throughput.py {' '.join(sys.argv[1:])}".rstrip(),
         f"machine: {os.cpu_count()} CPU, Python {platform.python_version()}, PostgreSQL "
         f"{server_version.split()[0]} on the same machine (loopback TCP, fsync "
         f"{'ON, synchronous_commit ON' if args.durable else 'off, synchronous_commit off'})",

@@ -1,8 +1,8 @@
 """Realtime cost of streaming one chapter: Broadcast deltas vs Postgres Changes, and WAL.
 
-    python bench/realtime_deltas.py                  # chapters of 5, 20 and 60 KB
-    python bench/realtime_deltas.py --sizes 5,20     # a shorter run
-    python bench/realtime_deltas.py --flush-ms 250   # another FLUSH_INTERVAL_MS
+    .venv/bin/python bench/realtime_deltas.py                  # chapters of 5, 20 and 60 KB
+    .venv/bin/python bench/realtime_deltas.py --sizes 5,20     # a shorter run
+    .venv/bin/python bench/realtime_deltas.py --flush-ms 250   # another FLUSH_INTERVAL_MS
 
 Each chapter is streamed on its own (one after the other, so the WAL of each is its own)
 through the production worker: the real Runner, ChapterHandler with the default

@@ -1,7 +1,7 @@
 """Story-memory retrieval: latency with 10,000 passages in one story, and prompt growth.
 
-    python bench/retrieval.py            # 10,000 passages in the story + 10,000 in others
-    python bench/retrieval.py --quick    # 2,000 passages, no other stories (about 20 s)
+    .venv/bin/python bench/retrieval.py            # 10,000 passages in the story + 10,000 in others
+    .venv/bin/python bench/retrieval.py --quick    # 2,000 passages, no other stories (about 20 s)
 
 On a throwaway local PostgreSQL with the migrations (and pgvector, which the embedded
 server ships): one story with 100 completed chapters of 100 passages each (about 800
