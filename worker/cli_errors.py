@@ -8,8 +8,8 @@ unreachable or not migrated, a conflict), 130 on Ctrl-C. ``--debug`` adds the tr
 from __future__ import annotations
 
 import socket
-from urllib.parse import urlsplit
 
+from worker.config import where as where  # re-exported: the CLI's messages use it
 from worker.store.base import (
     ConflictError,
     ForbiddenError,
@@ -43,18 +43,6 @@ def detail(exc: BaseException) -> str:
     """The first line of an error message, bounded."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
-
-
-def where(url: str) -> str:
-    """host:port/database of a URL, never its user or password."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or "?"
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "the configured address"
-    path = parts.path if parts.scheme.startswith("postgres") else ""
-    return f"{host}{port}{path}"
 
 
 def connection_failed(target: str, exc: BaseException) -> CommandFailed:

@@ -107,6 +107,18 @@ def _http_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def where(url: str) -> str:
+    """host:port/database of a URL, never its user or password."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "the configured address"
+    path = parts.path if parts.scheme.startswith("postgres") else ""
+    return f"{host}{port}{path}"
+
+
 def postgres_url(text: str) -> str:
     """A postgres URL the drivers can use, or ``Invalid`` saying what is wrong."""
     parts = urlsplit(text)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from worker.config import Settings
+from worker.config import Settings, where
 from worker.dashboard.security import Guard, guard_middleware, headers_middleware
 from worker.dashboard.views import GUARD, INFO, STORE, TEMPLATES, add_routes, make_templates
 from worker.store import Store
@@ -48,11 +48,10 @@ def build_app(
 def describe(settings: Settings) -> dict[str, str]:
     """What the page footer shows about where it is looking: never a password or key."""
     if settings.store_kind == "postgres" and settings.database_url:
-        parts = urlsplit(settings.database_url)
-        where = f"{parts.hostname}:{parts.port or 5432}{parts.path}"
+        shown = where(settings.database_url)
     else:
-        where = urlsplit(settings.supabase_url or "").hostname or "?"
-    return {"app_env": settings.app_env, "store": settings.store_kind, "database": where}
+        shown = urlsplit(settings.supabase_url or "").hostname or "?"
+    return {"app_env": settings.app_env, "store": settings.store_kind, "database": shown}
 
 
 async def open_dashboard_store(settings: Settings) -> Store:

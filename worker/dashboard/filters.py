@@ -13,7 +13,9 @@ from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, time, timedelta
 from urllib.parse import urlencode
 
-STATUSES = ("pending", "processing", "paused", "completed", "failed", "cancelled")
+from worker.metrics import QUEUE_STATUSES
+
+STATUSES = QUEUE_STATUSES
 PER_PAGE_DEFAULT = 50
 PER_PAGE_MAX = 200
 PAGE_MAX = 10_000

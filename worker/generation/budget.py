@@ -122,7 +122,7 @@ class FleetBudget:
             ]
             if self.metrics is not None:
                 self.metrics.model_rate_limited.labels(reservation.model).inc()
-        spent = used.prompt_tokens + used.output_tokens + used.thoughts_tokens if used else 0
+        spent = used.total_tokens if used else 0
         try:
             await self.store.budget_settle(
                 reservation.model,
