@@ -346,13 +346,9 @@ class Runner:
                         kind="bad_payload",
                         user_message="The generation request was invalid and was not run.",
                     )
-                job = claimed.job or await self.store.get_job(claimed.job_id)
-                if (
-                    job is None
-                    or job.status != "processing"
-                    or job.worker_id != self.config.worker_id
-                ):
-                    raise LeaseLost("job changed hands before it started")
+                job = claimed.job  # claim_jobs returns the whole row (no second read)
+                if job is None:  # only claim_next_job_v3's answer lacks it: not used here
+                    raise LeaseLost("claimed without its row")
                 handler = self.handlers.get(job.job_type)
                 if handler is None:
                     raise PermanentJobError(
