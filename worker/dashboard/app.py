@@ -16,7 +16,12 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from worker.config import Settings, where
-from worker.dashboard.security import Guard, guard_middleware, headers_middleware
+from worker.dashboard.security import (
+    LOGIN_FAILURE_DELAY_S,
+    Guard,
+    guard_middleware,
+    headers_middleware,
+)
 from worker.dashboard.views import GUARD, INFO, STORE, TEMPLATES, add_routes, make_templates
 from worker.store import Store
 
@@ -29,7 +34,7 @@ def build_app(
     *,
     token: str | None,
     info: dict[str, str] | None = None,
-    login_failure_delay_s: float = 0.5,
+    login_failure_delay_s: float = LOGIN_FAILURE_DELAY_S,
 ) -> web.Application:
     """The aiohttp application over an open store (the caller closes it)."""
     guard = Guard(token, failure_delay_s=login_failure_delay_s)

@@ -184,9 +184,7 @@ def guard_middleware(guard: Guard) -> Middleware:
 
 def _safe_next(path: str) -> str:
     """Only a local path survives the login redirect (no //evil.example)."""
-    if not path.startswith("/") or path.startswith("//") or "\\" in path:
-        return "/"
-    return quote(path[:500], safe="/?=&")
+    return quote(local_path(path), safe="/?=&")
 
 
 def local_path(value: str | None) -> str:
