@@ -88,6 +88,7 @@ def build_embedder(settings: Settings) -> Embedder:
         api_key=settings.gemini_api_key or "",
         model=settings.gemini_embedding_model,
         base_url=settings.gemini_base_url,
+        connect_timeout_s=settings.gemini_connect_timeout_s,
         request_timeout_s=min(settings.gemini_request_timeout_s, 120.0),
     )
 

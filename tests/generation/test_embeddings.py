@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.support.fake_gemini import disconnect_after, http_error
+from tests.support.fake_gemini import disconnect_after, http_error, unanswered_port
 from worker.errors import PermanentJobError, RetryableJobError
 from worker.generation.embeddings import DIMENSIONS, HashedEmbedder, hashed_embedding
 from worker.generation.gemini_embed import GeminiEmbedder
@@ -140,3 +140,23 @@ def test_paragraphs_are_kept_whole_and_short_ones_joined() -> None:
     assert passages == [para("alpha", 60) + "\n\nYes.", para("beta", 60)]
     with pytest.raises(ValueError):
         split_passages("x", max_chars=0)
+
+
+async def test_the_connect_timeout_applies_to_embeddings_too() -> None:
+    """The embedder's session is built like the text model's: a host that never answers
+    is a retryable "cannot connect" after the connect timeout, not the request cap."""
+    with unanswered_port() as port:
+        embedder = GeminiEmbedder(
+            api_key="test-key-123",
+            model="gemini-embedding-001",
+            base_url=f"http://127.0.0.1:{port}",
+            connect_timeout_s=0.3,
+            request_timeout_s=60,
+        )
+        try:
+            with pytest.raises(RetryableJobError) as info:
+                await embedder.embed(["a passage"], "RETRIEVAL_DOCUMENT")
+        finally:
+            await embedder.aclose()
+    assert info.value.kind == "model_unavailable"
+    assert "cannot connect to Gemini" in str(info.value)

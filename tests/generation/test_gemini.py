@@ -27,6 +27,7 @@ from tests.support.fake_gemini import (
     split_text,
     stall_after,
     truncate_after,
+    unanswered_port,
 )
 from worker.errors import JobError, PermanentJobError, RetryableJobError, classify
 from worker.generation.gemini import GeminiModel, GeminiSectionStream
@@ -240,34 +241,19 @@ async def test_a_dropped_connection_is_not_retried_inside_the_sdk() -> None:
 
 
 async def test_connect_timeout_applies() -> None:
-    # A listener whose accept queue is full drops further SYNs: connect() hangs.
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    fillers = []
-    for _ in range(3):
-        filler = socket.socket()
-        filler.setblocking(False)
+    with unanswered_port() as port:
+        model = GeminiModel(
+            api_key=KEY,
+            base_url=f"http://127.0.0.1:{port}",
+            connect_timeout_s=0.3,
+            idle_timeout_s=60,
+            request_timeout_s=60,
+        )
         try:
-            filler.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        fillers.append(filler)
-    model = GeminiModel(
-        api_key=KEY,
-        base_url=f"http://127.0.0.1:{port}",
-        connect_timeout_s=0.3,
-        idle_timeout_s=60,
-        request_timeout_s=60,
-    )
-    try:
-        with pytest.raises(RetryableJobError) as info:
-            await collect(model)
-    finally:
-        await model.aclose()
-        for s in [server, *fillers]:
-            s.close()
+            with pytest.raises(RetryableJobError) as info:
+                await collect(model)
+        finally:
+            await model.aclose()
     # The connect timeout, not the 60 s request cap (that one would be a stream_timeout).
     assert info.value.kind == "model_unavailable"
     assert "cannot connect to Gemini" in str(info.value)

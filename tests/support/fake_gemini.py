@@ -46,7 +46,9 @@ import hashlib
 import json
 import math
 import random
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -775,3 +777,25 @@ __all__ = [
     "start_fake_gemini",
     "truncate_after",
 ]
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port where connect() hangs: a listener whose accept queue is full drops
+    further SYNs (what an unreachable or overloaded host looks like)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        yield port
+    finally:
+        for s in [server, *fillers]:
+            s.close()

@@ -50,6 +50,13 @@ from worker.generation.model import Outline, RequestBudget, Reservation, Usage
 from worker.logs import register_secret
 
 
+def gemini_session(connect_timeout_s: float, max_connections: int) -> aiohttp.ClientSession:
+    """The aiohttp session of a Gemini client: our socket-connect timeout, a cap on sockets,
+    and trust_env like the SDK's own session (HTTPS_PROXY in deployments)."""
+    connector = _ConnectTimeoutConnector(connect_timeout_s=connect_timeout_s, limit=max_connections)
+    return aiohttp.ClientSession(connector=connector, trust_env=True, read_bufsize=2**22)
+
+
 class SdkClient:
     """The google-genai client both the text and the embedding models use: our own aiohttp
     session (from ``new_session``), one timeout, and the SDK's own retries off (ours decide;
@@ -230,23 +237,15 @@ class GeminiModel:
             base_url=base_url,
             api_version=api_version,
             timeout_s=request_timeout_s,
-            new_session=self._new_session,
+            # The semaphore is the real bound; the connector caps sockets even if a stream
+            # escaped it, with headroom for connections still closing.
+            new_session=lambda: gemini_session(connect_timeout_s, max_concurrent_streams + 4),
         )
 
     # -- client lifecycle ---------------------------------------------------------
 
     def _sdk(self) -> genai.Client:
         return self._sdk_client.get()
-
-    def _new_session(self) -> aiohttp.ClientSession:
-        connector = _ConnectTimeoutConnector(
-            connect_timeout_s=self._connect_timeout_s,
-            # The semaphore is the real bound; the connector caps sockets even if a
-            # stream escaped it, with headroom for connections still closing.
-            limit=self.max_concurrent_streams + 4,
-        )
-        # trust_env like the SDK's own session: honour HTTPS_PROXY in deployments.
-        return aiohttp.ClientSession(connector=connector, trust_env=True, read_bufsize=2**22)
 
     def open(self) -> None:
         """Build the session and SDK client up front: the first construction costs about

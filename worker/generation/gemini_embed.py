@@ -14,13 +14,12 @@ import asyncio
 import math
 from collections.abc import Sequence
 
-import aiohttp
 from google import genai
 from google.genai import types
 
 from worker.errors import JobError, PermanentJobError, RetryableJobError
 from worker.generation.embeddings import DIMENSIONS, TaskType, normalize
-from worker.generation.gemini import SdkClient
+from worker.generation.gemini import SdkClient, gemini_session
 from worker.generation.gemini_errors import translate
 from worker.logs import register_secret
 
@@ -37,6 +36,7 @@ class GeminiEmbedder:
         model: str,
         base_url: str | None = None,
         api_version: str = "v1",
+        connect_timeout_s: float = 10.0,
         request_timeout_s: float = 60.0,
         max_concurrent: int = 4,
     ) -> None:
@@ -51,7 +51,7 @@ class GeminiEmbedder:
             base_url=base_url,
             api_version=api_version,
             timeout_s=request_timeout_s,
-            new_session=lambda: aiohttp.ClientSession(trust_env=True),
+            new_session=lambda: gemini_session(connect_timeout_s, max_concurrent + 4),
         )
 
     def _sdk(self) -> genai.Client:
